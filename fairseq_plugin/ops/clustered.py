@@ -1,0 +1,192 @@
+"""Full, clustered and improved-clustered attention: the PyTorch reference (DESIGN.md §2).
+
+These functions define the semantics that every compiled kernel is tested against, and they
+are the fallback when no kernel is available. The clustered paths never materialise an
+(L, S) tensor: clustered attention is O(C·S) in memory, improved-clustered O(C·S + L·k).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .checks import check_clustering, check_generator, check_int, check_masks, check_positive, check_qkv
+from .hashing import draw_planes, lsh_hash
+from .kmeans import _one_hot, hamming_kmeans
+
+
+class ClusterInfo(NamedTuple):
+    """How the queries were clustered, for statistics and tests."""
+
+    assignment: Tensor  # (N, H, L) int64 cluster of each query; -1 for padded queries
+    counts: Tensor  # (N, H, C) int64 members per cluster
+    topk_mass: Optional[Tensor]  # (N, H, C) m̂: attention mass of each cluster's top-k keys (i-clustered)
+
+
+def _scale(softmax_temp: Optional[float], dim: int) -> float:
+    return 1.0 / math.sqrt(dim) if softmax_temp is None else float(softmax_temp)
+
+
+def _zero_padded_queries(out: Tensor, query_padding_mask: Optional[Tensor]) -> Tensor:
+    if query_padding_mask is None:
+        return out
+    return out.masked_fill(query_padding_mask[:, None, :, None], 0.0)
+
+
+def _softmax(scores: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
+    """Row softmax over the last axis (keys) in at least float32, padded keys excluded."""
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    return torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32))
+
+
+def full_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    softmax_temp: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Exact softmax attention: softmax(τ Q Kᵀ + mask) V, (N, H, L, M). Uses PyTorch's SDPA."""
+    check_qkv(q, k, v)
+    check_masks(q, k, key_padding_mask, query_padding_mask)
+    check_positive(softmax_temp, "softmax_temp")
+    attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(softmax_temp, q.shape[-1]))
+    return _zero_padded_queries(out, query_padding_mask)
+
+
+def _cluster_queries(
+    q: Tensor,
+    clusters: int,
+    hash_bits: int,
+    iterations: int,
+    hash_bias: bool,
+    query_padding_mask: Optional[Tensor],
+    generator: Optional[torch.Generator],
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Hash, cluster and average the queries. Returns (assignment, counts, centroids (N, H, C, E))."""
+    planes = draw_planes(hash_bits, q.shape[-1], hash_bias, generator, q.device)
+    codes = lsh_hash(q.detach(), planes)  # (N, H, L)
+    assignment, counts = hamming_kmeans(codes, hash_bits, clusters, iterations, query_padding_mask, generator)
+    members = _one_hot(assignment, counts.shape[-1], q.dtype)  # (N, H, L, C)
+    sums = members.transpose(-1, -2) @ q  # (N, H, C, E); gradients reach every member query
+    centroids = sums / counts.clamp_min(1).unsqueeze(-1).to(q.dtype)
+    return assignment, counts, centroids
+
+
+def _broadcast(per_cluster: Tensor, assignment: Tensor) -> Tensor:
+    """Give each query its cluster's row: (N, H, C, M) -> (N, H, L, M) (padded queries get row 0)."""
+    index = assignment.clamp_min(0).unsqueeze(-1).expand(*assignment.shape, per_cluster.shape[-1])
+    return per_cluster.gather(2, index)
+
+
+def _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator):
+    check_qkv(q, k, v)
+    check_masks(q, k, key_padding_mask, query_padding_mask)
+    check_clustering(clusters, hash_bits, iterations)
+    check_positive(softmax_temp, "softmax_temp")
+    check_generator(generator, q.device)
+
+
+def clustered_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    clusters: int,
+    hash_bits: int = 63,
+    iterations: int = 10,
+    hash_bias: bool = True,
+    softmax_temp: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    return_clusters: bool = False,
+) -> Union[Tensor, Tuple[Tensor, ClusterInfo]]:
+    """Clustered attention (Vyas et al. 2020): every query gets its cluster centroid's attention output.
+
+    Queries are hashed with ``hash_bits`` random hyperplanes, grouped by Hamming k-means into
+    ``min(clusters, L)`` clusters, and the attention of each centroid (the mean of its member
+    queries) is computed exactly: ``V^c = softmax(τ Q_c Kᵀ) V``. Returns (N, H, L, M), and the
+    :class:`ClusterInfo` too when ``return_clusters``.
+    """
+    _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator)
+    assignment, counts, centroids = _cluster_queries(
+        q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
+    )
+    scores = centroids @ k.transpose(-1, -2) * _scale(softmax_temp, q.shape[-1])  # (N, H, C, S)
+    attn = _softmax(scores, key_padding_mask).to(v.dtype)  # (N, H, C, S)
+    out = _zero_padded_queries(_broadcast(attn @ v, assignment), query_padding_mask)  # (N, H, L, M)
+    return (out, ClusterInfo(assignment, counts, None)) if return_clusters else out
+
+
+def improved_clustered_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    clusters: int,
+    topk: int = 32,
+    hash_bits: int = 63,
+    iterations: int = 10,
+    hash_bias: bool = True,
+    softmax_temp: Optional[float] = None,
+    key_padding_mask: Optional[Tensor] = None,
+    query_padding_mask: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+    return_clusters: bool = False,
+) -> Union[Tensor, Tuple[Tensor, ClusterInfo]]:
+    """Improved clustered attention: exact attention on each cluster's top-k keys.
+
+    With T_j the ``topk`` keys of cluster j under the centroid attention A^c and
+    m̂_j = Σ_{t∈T_j} A^c_jt, query i of cluster j gets
+    ``m̂_j Σ_{t∈T_j} softmax_t(τ q_i·k_t) v_t + Σ_{t∉T_j} A^c_jt v_t``.
+    With ``topk >= S`` this is exactly softmax attention. Padded keys never enter a top-k set
+    ahead of a real key and never receive weight. Gradients flow through m̂ too.
+    """
+    _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator)
+    check_int(topk, "topk", 1)
+    n, h, length, e = q.shape
+    s, m = k.shape[2], v.shape[3]
+    scale = _scale(softmax_temp, e)
+    assignment, counts, centroids = _cluster_queries(
+        q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
+    )
+    c = centroids.shape[2]
+    attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
+
+    # Top-k keys per cluster; padded keys rank below every real key (their weight is 0 either way).
+    kk = min(topk, s)
+    rank = attn.detach()
+    if key_padding_mask is not None:
+        rank = rank.masked_fill(key_padding_mask[:, None, None, :], -1.0)
+    top = rank.topk(kk, dim=-1).indices  # (N, H, C, k)
+    top_attn = attn.gather(-1, top)  # (N, H, C, k), differentiable
+    topk_mass = top_attn.sum(-1)  # (N, H, C): m̂
+    rest = attn.scatter(-1, top, 0.0).to(v.dtype) @ v  # (N, H, C, M): Σ_{t∉T_j} A^c_jt v_t
+
+    # Exact attention of every query on its cluster's top-k keys.
+    query_top = top.gather(2, assignment.clamp_min(0).unsqueeze(-1).expand(n, h, length, kk))  # (N, H, L, k)
+    flat = query_top.reshape(n, h, length * kk, 1)
+    k_top = k.gather(2, flat.expand(-1, -1, -1, e)).view(n, h, length, kk, e)  # (N, H, L, k, E)
+    v_top = v.gather(2, flat.expand(-1, -1, -1, m)).view(n, h, length, kk, m)  # (N, H, L, k, M)
+    scores = torch.einsum("nhle,nhlke->nhlk", q, k_top) * scale  # (N, H, L, k)
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, None, :].expand(n, h, s).gather(2, query_top.view(n, h, -1)).view_as(scores)
+        scores = scores.masked_fill(padded, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    top_out = torch.einsum("nhlk,nhlkm->nhlm", weights, v_top)  # (N, H, L, M)
+
+    mass = _broadcast(topk_mass.unsqueeze(-1), assignment).to(v.dtype)  # (N, H, L, 1)
+    out = mass * top_out + _broadcast(rest, assignment)
+    out = _zero_padded_queries(out, query_padding_mask)
+    if not return_clusters:
+        return out
+    return out, ClusterInfo(assignment, counts, topk_mass.detach())

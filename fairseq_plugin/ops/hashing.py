@@ -1,0 +1,59 @@
+"""Locality-sensitive hashing of queries into packed int64 codes (DESIGN.md §2, step 1)."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .checks import MAX_HASH_BITS, check_int
+
+
+def draw_planes(
+    hash_bits: int,
+    dim: int,
+    hash_bias: bool = True,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str = "cpu",
+) -> Tensor:
+    """Draw ``hash_bits`` random hyperplanes ``a_b`` in R^(dim+1), returned as (hash_bits, dim + 1) float32.
+
+    Column ``dim`` holds the offsets (the hash bias); without bias it is zero, so every plane
+    passes through the origin. Drawn from ``generator`` so a seed reproduces the planes exactly.
+    """
+    check_int(hash_bits, "hash_bits", 1, MAX_HASH_BITS)
+    planes = torch.randn(hash_bits, dim + 1, generator=generator, device=device, dtype=torch.float32)
+    if not hash_bias:
+        planes[:, dim] = 0.0
+    return planes
+
+
+def hash_bits_of(x: Tensor, planes: Tensor) -> Tensor:
+    """The bits ``[a_b[:E] . x > a_b[E]]`` as a bool tensor (..., B)."""
+    dim = planes.shape[1] - 1
+    if x.shape[-1] != dim:
+        raise ValueError(f"x has feature size {x.shape[-1]} but planes were drawn for {dim}")
+    compute = torch.promote_types(x.dtype, torch.float32)
+    proj = x.to(compute) @ planes[:, :dim].to(compute).T  # (..., B)
+    return proj > planes[:, dim].to(compute)
+
+
+def pack_bits(bits: Tensor) -> Tensor:
+    """Pack a bool tensor (..., B), B <= 63, into int64 codes: bit b of the code is ``bits[..., b]``."""
+    weights = torch.ones(bits.shape[-1], dtype=torch.int64, device=bits.device) << torch.arange(
+        bits.shape[-1], device=bits.device
+    )
+    return (bits.to(torch.int64) * weights).sum(-1)
+
+
+def unpack_bits(codes: Tensor, hash_bits: int) -> Tensor:
+    """Inverse of :func:`pack_bits`: int64 codes (...) -> bool bits (..., hash_bits)."""
+    shifts = torch.arange(hash_bits, device=codes.device)
+    return ((codes.unsqueeze(-1) >> shifts) & 1).bool()
+
+
+@torch.no_grad()
+def lsh_hash(x: Tensor, planes: Tensor) -> Tensor:
+    """Hash vectors x (..., E) with hyperplanes (B, E + 1) into int64 codes (...), bit b = plane b."""
+    return pack_bits(hash_bits_of(x, planes))
