@@ -159,7 +159,6 @@ def improved_clustered_attention(
     assignment, counts, centroids = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
-    c = centroids.shape[2]
     attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
 
     # Top-k keys per cluster; padded keys rank below every real key (their weight is 0 either way).
@@ -174,9 +173,9 @@ def improved_clustered_attention(
 
     # Exact attention of every query on its cluster's top-k keys.
     query_top = top.gather(2, assignment.clamp_min(0).unsqueeze(-1).expand(n, h, length, kk))  # (N, H, L, k)
-    flat = query_top.reshape(n, h, length * kk, 1)
-    k_top = k.gather(2, flat.expand(-1, -1, -1, e)).view(n, h, length, kk, e)  # (N, H, L, k, E)
-    v_top = v.gather(2, flat.expand(-1, -1, -1, m)).view(n, h, length, kk, m)  # (N, H, L, k, M)
+    rows = (query_top + torch.arange(n * h, device=q.device).view(n, h, 1, 1) * s).flatten()  # rows of (N*H*S)
+    k_top = k.reshape(n * h * s, e).index_select(0, rows).view(n, h, length, kk, e)  # (N, H, L, k, E)
+    v_top = v.reshape(n * h * s, m).index_select(0, rows).view(n, h, length, kk, m)  # (N, H, L, k, M)
     scores = torch.einsum("nhle,nhlke->nhlk", q, k_top) * scale  # (N, H, L, k)
     if key_padding_mask is not None:
         padded = key_padding_mask[:, None, :].expand(n, h, s).gather(2, query_top.view(n, h, -1)).view_as(scores)

@@ -17,18 +17,21 @@ from .checks import check_generator, check_int, check_mask, MAX_HASH_BITS
 from .hashing import unpack_bits
 
 
-def _hamming(bits: Tensor, centroid_bits: Tensor) -> Tensor:
-    """popcount(h xor c) for bits (N, H, L, B) and centroids (N, H, C, B), as float32 (N, H, L, C).
-
-    |h xor c| = |h| + |c| - 2 h.c; every term is an integer <= 63, exact in float32.
-    """
-    cross = bits @ centroid_bits.transpose(-1, -2)  # (N, H, L, C)
-    return bits.sum(-1, keepdim=True) + centroid_bits.sum(-1).unsqueeze(-2) - 2 * cross
-
-
 def _assign(bits: Tensor, centroid_bits: Tensor, real: Tensor) -> Tensor:
-    assignment = _hamming(bits, centroid_bits).argmin(-1)  # (N, H, L); first minimum on ties
-    return assignment.masked_fill(~real, -1)
+    """Nearest centroid in Hamming distance for bits (N, H, L, B) and centroids (N, H, C, B).
+
+    popcount(h xor c) = |h| + |c| - 2 h.c, and |h| is the same for every cluster, so the argmin
+    is that of |c| - 2 h.c: integers <= 63, exact in float32. Ties go to the lowest index.
+    """
+    n, h, length, b = bits.shape
+    c = centroid_bits.shape[2]
+    dist = torch.baddbmm(
+        centroid_bits.sum(-1).view(n * h, 1, c),
+        bits.view(n * h, length, b),
+        centroid_bits.view(n * h, c, b).transpose(1, 2),
+        alpha=-2,
+    )  # (N*H, L, C)
+    return dist.argmin(-1).view(n, h, length).masked_fill(~real, -1)
 
 
 def _one_hot(assignment: Tensor, clusters: int, dtype: torch.dtype) -> Tensor:
