@@ -62,15 +62,16 @@ def hardmax_attention(
 
     ``temperature=None`` is the exact hardmax (differentiable in v only; the attention set is
     piecewise constant in q, k and A); a temperature T > 0 gives softmax(s / T). ``alpha`` and
-    ``return_leaders`` need self-attention shapes (L == S; alpha also M == E is not required:
-    the residual term is v_i).
+    ``return_leaders`` need self-attention shapes (L == S); the residual term of ``alpha`` is v_i.
     """
     check_qkv(q, k, v)
     check_masks(q, k, key_padding_mask, query_padding_mask)
     check_positive(alpha, "alpha")
     check_positive(temperature, "temperature")
-    if isinstance(tie_tolerance, bool) or not isinstance(tie_tolerance, (int, float)) or tie_tolerance < 0:
-        raise ValueError(f"tie_tolerance must be a number >= 0, got {tie_tolerance!r}")
+    if isinstance(tie_tolerance, bool) or not isinstance(tie_tolerance, (int, float)):
+        raise TypeError(f"tie_tolerance must be a number >= 0, got {type(tie_tolerance).__name__}")
+    if tie_tolerance < 0:
+        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
     _check_qk_matrix(qk_matrix, q)
     length, s = q.shape[2], k.shape[2]
     if (alpha is not None or return_leaders) and length != s:
