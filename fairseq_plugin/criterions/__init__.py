@@ -1,0 +1,1 @@
+from . import speech_ctc  # noqa: F401  (registers --criterion speech_ctc)
