@@ -37,6 +37,7 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["fairseq_plugin", "fairseq_plugin.*", "slurm", "slurm.*"]),
-    install_requires=[TORCH, *FAIRSEQ_DEPS, "tensorboard==2.20.0"],
+    install_requires=[TORCH, *FAIRSEQ_DEPS, "tensorboard==2.20.0", "submitit==1.5.4", "matplotlib==3.11.2"],
+    entry_points={"console_scripts": ["fairseq-sweep = slurm.cli:main"]},
     extras_require={"test": ["pytest==8.4.2"]},
 )

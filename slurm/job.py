@@ -1,0 +1,203 @@
+"""The submitted job: one fairseq-train per task, distributed settings from submitit.
+
+:class:`TrainJob` is a ``submitit.helpers.Checkpointable``: on preemption or timeout submitit
+calls :meth:`TrainJob.checkpoint` (rank 0), which stops fairseq and requeues the same job; the
+next attempt runs the same command, and fairseq resumes from ``checkpoint_last.pt`` in the run's
+deterministic save dir (``--max-update`` and ``--stop-time-hours`` count across restarts, so the
+run ends where an uninterrupted one would). Rank 0 owns ``result.json``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import signal
+import subprocess
+import sys
+import time
+import zlib
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import submitit
+from submitit.helpers import Checkpointable, DelayedSubmission
+
+from .runs import FAILED, FINISHED, REQUEUED, RUNNING, read_json, update_result
+
+REPO = Path(__file__).resolve().parents[1]
+SIGNAL_GRACE_S = 30
+_CHILD: dict[str, Any] = {}  # the running fairseq-train (a Popen is not picklable, the job is)
+
+
+def _versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in ("torch", "ve-fairseq", "submitit", "omegaconf", "fairseq-clustered-attention"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _git_commit() -> str | None:
+    try:
+        proc = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return proc.stdout.strip() or None
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def parse_log(path: Path, metric: str = "loss", split: str = "valid", lower_is_better: bool = True) -> dict:
+    """Metrics from fairseq's ``--log-format json`` lines: final/best metric, updates, tokens/s."""
+    final = best = None
+    updates = 0
+    wps = []
+    key = f"{split}_{metric}"
+    if not path.is_file():
+        return {}
+    for line in path.read_text(errors="replace").splitlines():
+        for tag in ("train_inner", "train", "valid", "test"):
+            marker = f"| {tag} | "
+            if marker not in line:
+                continue
+            try:
+                stats = json.loads(line.split(marker, 1)[1])
+            except json.JSONDecodeError:
+                break
+            for k in ("num_updates", "train_num_updates", "valid_num_updates"):
+                if k in stats:
+                    updates = int(float(stats[k]))
+            if tag == "train_inner" and "wps" in stats:
+                wps.append(float(stats["wps"]))
+            if key in stats:
+                final = float(stats[key])
+                better = min if lower_is_better else max
+                best = final if best is None else better(best, final)
+            break
+    return {"final_metric": final, "best_metric": best, "updates": updates,
+            "tokens_per_s": round(sum(wps) / len(wps), 1) if wps else None}  # fmt: skip
+
+
+class TrainJob(Checkpointable):
+    """Runs one sweep run. ``spec`` is plain data (see ``slurm.cli.job_spec``)."""
+
+    def __init__(self, spec: dict[str, Any]):
+        self.spec = spec
+
+    # -- the job --------------------------------------------------------------------------------
+    def __call__(self) -> dict[str, Any]:
+        spec = self.spec
+        env = submitit.JobEnvironment()
+        rank, world, local_rank = env.global_rank, env.num_tasks, env.local_rank
+        run_dir = Path(spec["run_dir"])
+        run_dir.mkdir(parents=True, exist_ok=True)
+        result_path = run_dir / "result.json"
+        argv = list(spec["argv"])
+        if world > 1:
+            # One task per GPU (or per CPU rank with gloo); fairseq is told, not left to guess.
+            port = 20000 + zlib.crc32(f"{env.job_id}".encode()) % 20000
+            master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]
+            argv += ["--distributed-world-size", str(world), "--distributed-rank", str(rank),
+                     "--device-id", str(local_rank), "--distributed-init-method", f"tcp://{master}:{port}",
+                     "--distributed-no-spawn"]  # fmt: skip
+            if not spec["gpus"]:
+                argv += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+        command = [spec["fairseq_train"], *argv]
+        log_path = run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
+        start = time.time()
+        previous = read_json(result_path) or {}
+        attempt = int(previous.get("attempts", 0)) + 1
+        if rank == 0:
+            update_result(
+                result_path, state=RUNNING, run_id=spec["run_id"], arm=spec["arm"], seed=spec["seed"],
+                attention=spec["attention"], args=spec["args"], attempts=attempt, job_id=env.job_id,
+                restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), world_size=world,
+                gpus=spec["gpus"], command=command, git_commit=_git_commit(), versions=_versions(),
+                hostname=platform.node(), error=None,
+            )  # fmt: skip
+        child_env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)),
+                     "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        with log_path.open("a") as sink:
+            sink.write(f"\n===== attempt {attempt} | job {env.job_id} | rank {rank}/{world} | {time.ctime()} =====\n")
+            sink.write(" ".join(command) + "\n")
+            sink.flush()
+            proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=child_env, cwd=run_dir,
+                                    start_new_session=True)  # fmt: skip
+            _CHILD.update(proc=proc, start=start, rank=rank, result=result_path)
+            try:
+                # poll, not wait(): a blocking wait() holds Popen's waitpid lock, and the USR2
+                # handler (checkpoint) that interrupts it could then never reap the child.
+                while (code := proc.poll()) is None:
+                    time.sleep(0.5)
+                if code < 0:
+                    # Killed by a signal: on preemption SLURM (and job._interrupt) sends SIGTERM to
+                    # every process before USR2 reaches us; give submitit's handler time to
+                    # checkpoint and requeue instead of recording a failure.
+                    sink.write(f"fairseq-train killed by signal {-code}; waiting {SIGNAL_GRACE_S}s for a requeue\n")
+                    sink.flush()
+                    time.sleep(SIGNAL_GRACE_S)
+            finally:
+                _stop(proc)
+        elapsed = time.time() - start
+        if rank != 0:
+            if code != 0:
+                raise RuntimeError(f"fairseq-train rank {rank} failed (exit {code}); see {log_path}")
+            return {"rank": rank, "exit": code}
+        wall = float(previous.get("wall_time_s", 0.0)) + elapsed
+        devices = spec["gpus"]
+        metrics = parse_log(log_path, **spec["metric"])
+        if code != 0:
+            tail = log_path.read_text(errors="replace").splitlines()[-30:]
+            update_result(result_path, state=FAILED, exit_code=code, error="\n".join(tail), wall_time_s=round(wall, 2),
+                          gpu_hours=round(wall * devices / 3600, 6), **metrics)  # fmt: skip
+            raise RuntimeError(f"fairseq-train failed (exit {code}) for run {spec['run_id']}; see {log_path}")
+        return update_result(
+            result_path, state=FINISHED, exit_code=0, wall_time_s=round(wall, 2),
+            gpu_hours=round(wall * devices / 3600, 6), cpu_task_hours=round(wall * world / 3600, 6),
+            finished_at=time.strftime("%Y-%m-%dT%H:%M:%S%z"), **metrics,
+        )  # fmt: skip
+
+    # -- preemption / timeout -------------------------------------------------------------------
+    def checkpoint(self, *args: Any, **kwargs: Any) -> DelayedSubmission:
+        """Called by submitit on rank 0 before requeue: stop fairseq, record the attempt, requeue."""
+        proc = _CHILD.get("proc")
+        if proc is not None:
+            _stop(proc)
+        result = _CHILD.get("result")
+        if result is not None:
+            previous = read_json(result) or {}
+            wall = float(previous.get("wall_time_s", 0.0)) + time.time() - _CHILD["start"]
+            update_result(result, state=REQUEUED, wall_time_s=round(wall, 2),
+                          requeues=int(previous.get("requeues", 0)) + 1)  # fmt: skip
+            _CHILD.pop("result")
+        return DelayedSubmission(TrainJob(self.spec), *args, **kwargs)
+
+
+def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=grace)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+
+
+def fairseq_train_path() -> str:
+    exe = Path(sys.executable).parent / "fairseq-train"
+    return str(exe) if exe.is_file() else "fairseq-train"
+
+
+def probe() -> dict[str, Any]:
+    """What a task sees (rank, world size, visible GPUs); submit it to check a cluster's setup."""
+    env = submitit.JobEnvironment()
+    return {"job_id": env.job_id, "global_rank": env.global_rank, "local_rank": env.local_rank,
+            "num_tasks": env.num_tasks, "num_nodes": env.num_nodes, "hostname": platform.node(),
+            "cuda_visible_devices": os.environ.get("CUDA_VISIBLE_DEVICES"),
+            "slurm_gpus_on_node": os.environ.get("SLURM_GPUS_ON_NODE")}  # fmt: skip

@@ -1,0 +1,340 @@
+"""Sweep files: schema, validation and expansion into runs.
+
+A sweep file is YAML read with OmegaConf (``${...}`` interpolation works; command-line dotlist
+overrides such as ``model.clusters=200`` are merged before validation). Every problem is a
+:class:`SpecError` whose message is one line naming the key, raised before anything runs.
+
+    name: demo                       # the sweep's directory under root
+    root: outputs/sweeps             # relative paths are relative to the current directory
+    task: masked_lm
+    data: {path: ..., prepare: "..."}  # prepare runs (shell) when path/dict.txt is missing
+    fairseq: {criterion: masked_lm, lr: 1e-3, cpu: true, ...}   # base args: key -> value
+    model: {clusters: 16}            # more fairseq args, the usual place for overrides
+    grid: {arch: [a, b], clusters: [8, 16]}                    # cartesian product
+    arms: [{name: x, arch: a}, ...]  # explicit configurations (each crossed with the grid)
+    seeds: [1, 2]
+    resources: {gpus_per_node: 0, nodes: 1, tasks_per_node: 1, cpus_per_task: 1, mem_gb: 4,
+                time_min: 60, partition: null, account: null, qos: null, constraint: null,
+                signal_delay_s: 30}
+    budget: {max_update: 200, max_epoch: null, wall_minutes: null, gpu_hours: null}
+    metric: {name: loss, split: valid, lower_is_better: true}
+
+fairseq arguments are written with underscores or dashes (``max_tokens`` = ``max-tokens``);
+``true`` becomes a bare flag, ``false``/``null`` drops it, a list becomes several values.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+TOP_KEYS = {"name", "root", "task", "data", "fairseq", "model", "grid", "arms", "seeds", "resources", "budget", "metric"}
+REQUIRED = ("name", "task")
+DATA_KEYS = {"path", "prepare"}
+RESOURCE_DEFAULTS: dict[str, Any] = {
+    "gpus_per_node": 0,
+    "nodes": 1,
+    "tasks_per_node": 1,  # CPU jobs: ranks per node; with GPUs it is gpus_per_node (one task per GPU)
+    "cpus_per_task": 1,
+    "mem_gb": 4,
+    "time_min": 60,
+    "partition": None,
+    "account": None,
+    "qos": None,
+    "constraint": None,
+    "signal_delay_s": 30,
+    "parallel": None,  # local/debug: jobs at a time (default: cores // cpus_per_task); SLURM schedules itself
+}
+BUDGET_DEFAULTS: dict[str, Any] = {"max_update": None, "max_epoch": None, "wall_minutes": None, "gpu_hours": None}
+METRIC_DEFAULTS: dict[str, Any] = {"name": "loss", "split": "valid", "lower_is_better": True}
+# Arguments the launcher owns; setting them in the sweep would break resume or the run layout.
+RESERVED = {"save_dir", "tensorboard_logdir", "user_dir", "task", "seed", "log_format", "distributed_world_size",
+            "distributed_rank", "distributed_init_method", "device_id", "max_update", "max_epoch", "stop_time_hours"}  # fmt: skip
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
+
+
+class SpecError(ValueError):
+    """A problem with a sweep file; the message is one line that names the key."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """One training run: a configuration (arm) and a seed."""
+
+    run_id: str
+    arm: str
+    seed: int
+    args: dict[str, Any]  # fairseq arguments (underscored keys) beyond the base ones
+
+    @property
+    def attention(self) -> str:
+        arch = str(self.args.get("arch", ""))
+        explicit = self.args.get("attention_type")
+        if explicit:
+            return str(explicit)
+        for kind in ("i_clustered", "clustered", "hardmax", "softmax"):
+            if arch.startswith(kind):
+                return kind
+        return arch or "default"
+
+
+@dataclass
+class Sweep:
+    name: str
+    root: Path
+    task: str
+    data_path: Path | None
+    data_prepare: str | None
+    base: dict[str, Any]
+    grid: dict[str, list]
+    arms: list[dict[str, Any]]
+    seeds: list[int]
+    resources: dict[str, Any]
+    budget: dict[str, Any]
+    metric: dict[str, Any]
+    source: Path | None = None
+    config: dict[str, Any] = field(default_factory=dict)  # the resolved file, for the record
+
+    @property
+    def dir(self) -> Path:
+        return self.root / self.name
+
+    def runs(self) -> list[Run]:
+        return expand(self)
+
+
+def _norm(key: str) -> str:
+    return str(key).replace("-", "_")
+
+
+def _plain(node: Any) -> Any:
+    if isinstance(node, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(node, resolve=True)
+    return node
+
+
+def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool = True, check_data: bool = True) -> Sweep:
+    """Read, override, validate and return a sweep; raises :class:`SpecError` (one line)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SpecError(f"{path}: no such sweep file")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{path}: malformed YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise SpecError(f"{path}: a sweep file is a mapping of keys (name, task, ...), got {type(raw).__name__}")
+    try:
+        cfg = OmegaConf.create(raw)
+        for item in overrides:
+            if "=" not in item:
+                raise SpecError(f"override {item!r}: expected KEY=VALUE (an OmegaConf dotlist item)")
+            key = item.split("=", 1)[0].lstrip("+")
+            if key.split(".")[0] not in TOP_KEYS:
+                raise SpecError(f"override {item!r}: unknown key {key.split('.')[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+        cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        first = str(err).strip().splitlines()[0]
+        key = getattr(err, "full_key", None)
+        raise SpecError(f"{path}: {('key ' + repr(key) + ': ') if key else ''}{first}") from None
+    return validate(data, source=path, check_arch=check_arch, check_data=check_data)
+
+
+def _mapping(data: dict, key: str, known: set | None, src: str) -> dict:
+    value = data.get(key) or {}
+    if not isinstance(value, dict):
+        raise SpecError(f"{src}: key {key!r} must be a mapping, got {type(value).__name__}")
+    if known is not None:
+        for sub in value:
+            if sub not in known:
+                raise SpecError(f"{src}: unknown key '{key}.{sub}' (known: {', '.join(sorted(known))})")
+    return value
+
+
+def _check_args(args: dict, where: str, src: str) -> dict:
+    out = {}
+    for key, value in args.items():
+        norm = _norm(key)
+        if norm in RESERVED:
+            raise SpecError(f"{src}: key '{where}.{key}' is set by the launcher (use budget/seeds/task instead)")
+        if isinstance(value, dict):
+            raise SpecError(f"{src}: key '{where}.{key}' must be a scalar or a list, got a mapping")
+        out[norm] = value
+    return out
+
+
+def validate(data: dict, source: Path | None = None, check_arch: bool = True, check_data: bool = True) -> Sweep:
+    src = str(source) if source else "sweep"
+    for key in data:
+        if key not in TOP_KEYS:
+            raise SpecError(f"{src}: unknown key {key!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    for key in REQUIRED:
+        if not data.get(key):
+            raise SpecError(f"{src}: missing key {key!r}")
+    name = str(data["name"])
+    if not SAFE_NAME.match(name):
+        raise SpecError(f"{src}: key 'name' must be a plain directory name, got {name!r}")
+
+    dat = _mapping(data, "data", DATA_KEYS, src)
+    base = _check_args(_mapping(data, "fairseq", None, src), "fairseq", src)
+    base.update(_check_args(_mapping(data, "model", None, src), "model", src))
+
+    grid = {}
+    for key, values in _mapping(data, "grid", None, src).items():
+        if _norm(key) in RESERVED:
+            raise SpecError(f"{src}: key 'grid.{key}' is set by the launcher")
+        if not isinstance(values, list) or not values:
+            raise SpecError(f"{src}: key 'grid.{key}' must be a non-empty list of values")
+        grid[_norm(key)] = values
+
+    arms = data.get("arms") or []
+    if not isinstance(arms, list):
+        raise SpecError(f"{src}: key 'arms' must be a list of mappings")
+    checked_arms = []
+    for i, arm in enumerate(arms):
+        if not isinstance(arm, dict):
+            raise SpecError(f"{src}: key 'arms[{i}]' must be a mapping of fairseq arguments")
+        arm = dict(arm)
+        label = arm.pop("name", None)
+        if label is not None and not SAFE_NAME.match(str(label)):
+            raise SpecError(f"{src}: key 'arms[{i}].name' must be a plain directory name, got {label!r}")
+        args = _check_args(arm, f"arms[{i}]", src)
+        if label is not None:
+            args["__name__"] = str(label)
+        checked_arms.append(args)
+
+    seeds = data.get("seeds", [1])
+    if isinstance(seeds, int):
+        seeds = [seeds]
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise SpecError(f"{src}: key 'seeds' must be a non-empty list of integers")
+
+    resources = {**RESOURCE_DEFAULTS, **_mapping(data, "resources", set(RESOURCE_DEFAULTS), src)}
+    if resources["parallel"] is not None and (not isinstance(resources["parallel"], int) or resources["parallel"] < 1):
+        raise SpecError(f"{src}: key 'resources.parallel' must be a positive integer or null, got {resources['parallel']!r}")
+    for key in ("gpus_per_node", "nodes", "tasks_per_node", "cpus_per_task", "time_min", "signal_delay_s"):
+        value = resources[key]
+        low = 0 if key in ("gpus_per_node", "signal_delay_s") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise SpecError(f"{src}: key 'resources.{key}' must be an integer >= {low}, got {value!r}")
+    budget = {**BUDGET_DEFAULTS, **_mapping(data, "budget", set(BUDGET_DEFAULTS), src)}
+    for key, value in budget.items():
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise SpecError(f"{src}: key 'budget.{key}' must be a positive number or null, got {value!r}")
+    if all(v is None for v in budget.values()):
+        raise SpecError(f"{src}: key 'budget' must set at least one of {', '.join(BUDGET_DEFAULTS)} (an unbounded run never ends)")
+    metric = {**METRIC_DEFAULTS, **_mapping(data, "metric", set(METRIC_DEFAULTS), src)}
+    if not isinstance(metric["lower_is_better"], bool):
+        raise SpecError(f"{src}: key 'metric.lower_is_better' must be true or false")
+
+    root = Path(str(data.get("root") or "outputs/sweeps")).expanduser().resolve()
+    data_path = Path(str(dat["path"])).expanduser().resolve() if dat.get("path") else None
+    sweep = Sweep(
+        name=name, root=root, task=str(data["task"]), data_path=data_path, data_prepare=dat.get("prepare"),
+        base=base, grid=grid, arms=checked_arms, seeds=list(seeds), resources=resources, budget=budget,
+        metric=metric, source=source, config=data,
+    )  # fmt: skip
+    runs = expand(sweep)
+    if not runs:
+        raise SpecError(f"{src}: the sweep expands to no runs")
+    ids = [r.run_id for r in runs]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise SpecError(f"{src}: key 'arms': two runs share the id {dup!r}; give the arms distinct names")
+    if check_arch:
+        _check_archs(runs, src)
+    if check_data and data_path is None:
+        raise SpecError(f"{src}: missing key 'data.path'")
+    if check_data and not (data_path / "dict.txt").is_file() and not sweep.data_prepare:
+        raise SpecError(f"{src}: key 'data.path': {data_path} has no dict.txt and 'data.prepare' is not set")
+    return sweep
+
+
+def _check_archs(runs: list[Run], src: str) -> None:
+    known = registered_archs()
+    for run in runs:
+        arch = run.args.get("arch")
+        if arch is None:
+            raise SpecError(f"{src}: run {run.run_id!r} has no 'arch' (set it in fairseq, model, grid or arms)")
+        if arch not in known:
+            close = [a for a in known if a.split("_")[0] in str(arch)][:4]
+            hint = f" (did you mean {', '.join(close)}?)" if close else ""
+            raise SpecError(f"{src}: key 'arch': unknown fairseq architecture {arch!r}{hint}")
+
+
+def registered_archs() -> set[str]:
+    """fairseq's ARCH_MODEL_REGISTRY after importing the plugin (what ``--arch`` accepts)."""
+    import fairseq_plugin  # noqa: F401  (registers the architectures)
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    return set(ARCH_MODEL_REGISTRY)
+
+
+def _short(value: Any) -> str:
+    text = str(value)
+    for prefix in ("transformer",):
+        text = text.replace(f"_{prefix}", "")
+    return re.sub(r"[^A-Za-z0-9_.-]", "", text.replace(" ", ""))[:40] or "x"
+
+
+def expand(sweep: Sweep) -> list[Run]:
+    """arms x grid x seeds, in file order; run ids name what varies (fb_sweep's save_dir_key)."""
+    arms = sweep.arms or [{}]
+    keys = list(sweep.grid)
+    combos = list(itertools.product(*(sweep.grid[k] for k in keys))) or [()]
+    configs = []
+    for arm in arms:
+        for combo in combos:
+            args = {**sweep.base, **{k: v for k, v in arm.items() if k != "__name__"}, **dict(zip(keys, combo))}
+            label = arm.get("__name__")
+            parts = [label] if label else []
+            parts += [f"{k}{_short(v)}" if k != "arch" else _short(v) for k, v in zip(keys, combo)]
+            configs.append(("_".join(parts) or "base", args))
+    runs = []
+    for arm_id, args in configs:
+        for seed in sweep.seeds:
+            runs.append(Run(run_id=f"{arm_id}_s{seed}", arm=arm_id, seed=seed, args=args))
+    return runs
+
+
+def fairseq_argv(sweep: Sweep, run: Run, run_dir: Path, tb_dir: Path, user_dir: Path) -> list[str]:
+    """The fairseq-train command line (without the program name) for one run."""
+    argv = [str(sweep.data_path), "--task", sweep.task, "--user-dir", str(user_dir)]
+    for key, value in run.args.items():
+        flag = "--" + key.replace("_", "-")
+        if value is None or value is False:
+            continue
+        if value is True:
+            argv.append(flag)
+        elif isinstance(value, list):
+            argv += [flag, *map(str, value)]
+        else:
+            argv += [flag, str(value)]
+    budget = sweep.budget
+    if budget["max_update"]:
+        argv += ["--max-update", str(int(budget["max_update"]))]
+    if budget["max_epoch"]:
+        argv += ["--max-epoch", str(int(budget["max_epoch"]))]
+    hours = []
+    if budget["wall_minutes"]:
+        hours.append(budget["wall_minutes"] / 60)
+    if budget["gpu_hours"]:
+        devices = max(1, sweep.resources["gpus_per_node"] * sweep.resources["nodes"])
+        hours.append(budget["gpu_hours"] / devices)  # equal GPU-hours: fewer GPUs train longer
+    if hours:
+        argv += ["--stop-time-hours", f"{min(hours):.6f}"]  # fairseq counts it across restarts
+    argv += ["--seed", str(run.seed), "--save-dir", str(run_dir / "checkpoints"), "--tensorboard-logdir", str(tb_dir),
+             "--log-format", "json"]  # fmt: skip
+    return argv
