@@ -118,50 +118,48 @@ def _plots(sweep: Sweep, rows: list[dict], metric: str) -> dict[str, Path]:
     plot_dir.mkdir(exist_ok=True)
     kinds = sorted({r["attention"] for r in rows})
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
-    paths = {}
-
-    # The paper's speed-accuracy view: the metric against elapsed wall-clock per run (TensorBoard
-    # event times, from the run's first logged training step), the final value marked.
-    fig, ax = plt.subplots(figsize=(6, 4))
     tag = f"{sweep.metric['split']}/{sweep.metric['name']}"
-    labelled: set = set()
-    for row in rows:
-        points = curves(sweep, row["run_id"], tag)
-        if not points:
-            continue
+
+    def elapsed(row: dict, points: list) -> tuple[list, list]:
+        # The paper's speed-accuracy view: the metric against elapsed wall-clock per run
+        # (TensorBoard event times, from the run's first logged training step).
         starts = curves(sweep, row["run_id"], "train_inner/loss")
         t0 = min([p[1] for p in starts] + [points[0][1]])
-        label = row["attention"] if row["attention"] not in labelled else None
-        labelled.add(row["attention"])
-        xs, ys = [p[1] - t0 for p in points], [p[2] for p in points]
-        ax.plot(xs, ys, color=colors[row["attention"]], label=label, alpha=0.8)
-        ax.scatter(xs[-1:], ys[-1:], color=colors[row["attention"]])
-    ax.set_xlabel("elapsed wall-clock (s, from the first logged step)")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{sweep.name}: {metric} vs training time")
-    if labelled:
-        ax.legend()
-    fig.tight_layout()
-    paths["speed_accuracy"] = plot_dir / "metric_vs_time.png"
-    fig.savefig(paths["speed_accuracy"], dpi=120)
-    plt.close(fig)
+        return [p[1] - t0 for p in points], [p[2] for p in points]
 
-    fig, ax = plt.subplots(figsize=(6, 4))
-    labelled = set()
-    for row in rows:
-        points = curves(sweep, row["run_id"], tag)
-        if not points:
-            continue
-        label = row["attention"] if row["attention"] not in labelled else None
-        labelled.add(row["attention"])
-        ax.plot([p[0] for p in points], [p[2] for p in points], marker=".", color=colors[row["attention"]], label=label)
-    ax.set_xlabel("updates")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{sweep.name}: learning curves (TensorBoard)")
-    if labelled:
-        ax.legend()
-    fig.tight_layout()
-    paths["learning_curves"] = plot_dir / "learning_curves.png"
-    fig.savefig(paths["learning_curves"], dpi=120)
-    plt.close(fig)
-    return paths
+    def by_update(row: dict, points: list) -> tuple[list, list]:
+        return [p[0] for p in points], [p[2] for p in points]
+
+    def plot(xy, xlabel: str, title: str, name: str, mark_last: bool) -> Path:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        labelled: set = set()
+        for row in rows:
+            points = curves(sweep, row["run_id"], tag)
+            if not points:
+                continue
+            xs, ys = xy(row, points)
+            label = row["attention"] if row["attention"] not in labelled else None
+            labelled.add(row["attention"])
+            color = colors[row["attention"]]
+            if mark_last:  # the final value marked
+                ax.plot(xs, ys, color=color, label=label, alpha=0.8)
+                ax.scatter(xs[-1:], ys[-1:], color=color)
+            else:
+                ax.plot(xs, ys, marker=".", color=color, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(metric)
+        ax.set_title(title)
+        if labelled:
+            ax.legend()
+        fig.tight_layout()
+        path = plot_dir / name
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return path
+
+    return {
+        "speed_accuracy": plot(elapsed, "elapsed wall-clock (s, from the first logged step)",
+                               f"{sweep.name}: {metric} vs training time", "metric_vs_time.png", True),
+        "learning_curves": plot(by_update, "updates", f"{sweep.name}: learning curves (TensorBoard)",
+                                "learning_curves.png", False),
+    }  # fmt: skip
