@@ -9,20 +9,19 @@ padding, the CTC loss itself and checkpoint compatibility with fairseq's s2t_tra
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List
 
 import pytest
 import torch
 
+from .runs import Run, scalars
 from .speech_data import SpeechData, make_speech_data
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,19 +59,6 @@ def criterion(arch: str) -> List[str]:
 
 
 UPDATES = 3  # 12 training utterances in batches of 4: one epoch, then one validation
-RECORD = re.compile(r"\| (train_inner|train|valid) \| (\{.*\})\s*$")
-
-
-@dataclass
-class Run:
-    save_dir: Path
-    tb_dir: Path
-    output: str
-
-    def records(self, tag: str) -> List[Dict[str, str]]:
-        matches = (RECORD.search(line) for line in self.output.splitlines())
-        return [json.loads(m.group(2)) for m in matches if m and m.group(1) == tag]
-
 
 def run_tool(*cmd, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(list(map(str, cmd)), capture_output=True, text=True, env=ENV, cwd=REPO, timeout=timeout)
@@ -86,14 +72,6 @@ def train(data: Path, save_dir: Path, arch: str, *args: str) -> Run:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return Run(save_dir, tb_dir, output)
-
-
-def scalars(log_dir: Path) -> Dict[str, List[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [event.value for event in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.fixture

@@ -14,14 +14,14 @@ import re
 import shutil
 import subprocess
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict
 
 import pytest
 import torch
 
 from .data import masked_lm_data, sentence_prediction_data
+from .runs import RECORD, Run, scalars
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,18 +45,6 @@ STAT_OF_ARCH = {
     "hardmax_transformer": "attn_hardmax_leaders",
 }
 ARCHS = ["softmax_transformer", "clustered_transformer", "i_clustered_transformer", "hardmax_transformer"]
-RECORD = re.compile(r"\| (train_inner|train|valid) \| (\{.*\})\s*$")
-
-
-@dataclass
-class Run:
-    save_dir: Path
-    tb_dir: Path
-    output: str
-
-    def records(self, tag: str) -> List[Dict[str, str]]:
-        return [json.loads(m.group(2)) for line in self.output.splitlines() if (m := RECORD.search(line)) and m.group(1) == tag]
-
 
 def run_tool(tool: str, *args: str, timeout: int = 240) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -102,13 +90,6 @@ def assert_finite_training(run: Run, updates: int) -> None:
     valid = run.records("valid")
     assert valid and math.isfinite(float(valid[-1]["valid_loss"])), run.output[-3000:]
 
-
-def scalars(log_dir: Path) -> Dict[str, List[float]]:
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(log_dir))
-    acc.Reload()
-    return {tag: [event.value for event in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
 
 @pytest.mark.parametrize("arch", ARCHS)
