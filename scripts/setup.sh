@@ -30,5 +30,8 @@ log "installing fairseq-clustered-attention and its pinned dependencies"
 # --no-warn-conflicts: pip would report ve-fairseq's unmet torchaudio requirement, which is
 # deliberate (see requirements/fairseq.txt); a real conflict still fails the install.
 "${pip[@]}" install --no-warn-conflicts -e '.[test]'
+log "installing the experiments' pinned packages (requirements/experiments*.txt)"
+"${pip[@]}" install --no-warn-conflicts -r requirements/experiments.txt
+"${pip[@]}" install --no-deps --no-warn-conflicts -r requirements/experiments-nodeps.txt
 echo "$want" > "$stamp"
 log "done: $("$VENV/bin/python" -c 'import torch, fairseq; print("torch", torch.__version__, "| fairseq", fairseq.__version__)' 2>/dev/null)"
