@@ -2,9 +2,19 @@
 
 Install with ``bash scripts/setup.sh`` (creates ``.venv``): it installs torch==2.13.0 first,
 fairseq (``ve-fairseq==0.12.3``, hash-pinned, ``--no-deps``; see requirements/fairseq.txt) and
-then this package with the pins below. ``pip install -e .`` alone works in an environment that
-already has torch and fairseq.
+then this package with the pins below. ``pip install --no-build-isolation -e .`` alone works in an
+environment that already has torch and fairseq (the compiled ops build against that torch, so the
+build must see it: hence no build isolation).
+
+The compiled ops (csrc/) build as ``fairseq_plugin._C``: the CPU kernels always, the CUDA kernels
+too where torch has CUDA and nvcc is found (``FAIRSEQ_PLUGIN_CUDA=0`` turns them off,
+``TORCH_CUDA_ARCH_LIST`` picks the architectures). A failed build is a loud warning, not a failed
+install: the ops then run on their PyTorch reference and say so once at run time.
 """
+
+import glob
+import os
+import sys
 
 from setuptools import find_packages, setup
 
@@ -28,6 +38,38 @@ FAIRSEQ_DEPS = [
     "editdistance==0.8.1",
 ]
 
+
+
+def extensions():
+    """fairseq_plugin._C from csrc/: CPU always, CUDA where torch has it."""
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        sys.exit(
+            "error: setup.py needs torch to build the compiled ops; install torch first "
+            "(bash scripts/setup.sh does) and use pip install --no-build-isolation -e ."
+        )
+    sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
+    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
+    want_cuda = os.environ.get("FAIRSEQ_PLUGIN_CUDA", "1") != "0"
+    if want_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings.cpp"]
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
+        ext = cpp_extension.CUDAExtension(
+            "fairseq_plugin._C", sources, extra_compile_args={"cxx": cxx + ["-DFCA_WITH_CUDA"], "nvcc": nvcc},
+            extra_link_args=["-fopenmp"],
+        )  # fmt: skip
+    else:
+        ext = cpp_extension.CppExtension(
+            "fairseq_plugin._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+        )
+    ext.optional = True  # a failed build warns; the ops fall back to the reference and say why
+    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
+
+
+EXT_MODULES, CMDCLASS = extensions()
+
 setup(
     name="fairseq-clustered-attention",
     version="0.1.0",
@@ -38,6 +80,8 @@ setup(
     python_requires=">=3.11",
     packages=find_packages(include=["fairseq_plugin", "fairseq_plugin.*", "slurm", "slurm.*"]),
     install_requires=[TORCH, *FAIRSEQ_DEPS, "tensorboard==2.20.0", "submitit==1.5.4", "matplotlib==3.11.2"],
+    ext_modules=EXT_MODULES,
+    cmdclass=CMDCLASS,
     entry_points={"console_scripts": ["fairseq-sweep = slurm.cli:main"]},
     extras_require={"test": ["pytest==8.4.2"]},
 )

@@ -14,9 +14,19 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 pip=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 export PIP_CONSTRAINT="$PWD/requirements/constraints.txt"
 
+# The compiled ops (csrc/ -> fairseq_plugin/_C*.so) are rebuilt whenever their sources change.
+build_ops() {
+    log "building the compiled ops (csrc/, CPU$("$VENV/bin/python" -c 'import torch; print(" + CUDA" if torch.version.cuda else "")'))"
+    "$VENV/bin/python" setup.py -q build_ext --inplace >"$VENV/.build-ops.log" 2>&1 \
+        || { tail -30 "$VENV/.build-ops.log" >&2; log "building csrc/ failed (log: $VENV/.build-ops.log)"; exit 1; }
+    find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16 > "$VENV/.ops-stamp"
+}
+ops_want=$(find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16)
+
 stamp="$VENV/.setup-stamp"
 want=$(cat setup.py requirements/*.txt | sha256sum | cut -c1-16)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c 'import fairseq_plugin' 2>/dev/null; then
+    if [ "$(cat "$VENV/.ops-stamp" 2>/dev/null)" != "$ops_want" ]; then build_ops; fi
     log "$VENV is up to date"
     exit 0
 fi
@@ -29,7 +39,11 @@ log "installing fairseq (ve-fairseq 0.12.3, hash-pinned, without its torchaudio 
 log "installing fairseq-clustered-attention and its pinned dependencies"
 # --no-warn-conflicts: pip would report ve-fairseq's unmet torchaudio requirement, which is
 # deliberate (see requirements/fairseq.txt); a real conflict still fails the install.
-"${pip[@]}" install --no-warn-conflicts -e '.[test]'
+# ninja compiles the ops' sources in parallel; --no-build-isolation: they build against the
+# torch installed above (an isolated build would fetch another torch to compile against).
+"${pip[@]}" install ninja==1.13.0
+"${pip[@]}" install --no-warn-conflicts --no-build-isolation -e '.[test]'
+build_ops  # a failed build is only a warning inside pip (the ops would fall back): fail here instead
 log "installing the experiments' pinned packages (requirements/experiments*.txt)"
 "${pip[@]}" install --no-warn-conflicts -r requirements/experiments.txt
 "${pip[@]}" install --no-deps --no-warn-conflicts -r requirements/experiments-nodeps.txt

@@ -1,8 +1,10 @@
-"""Full, clustered and improved-clustered attention: the PyTorch reference (DESIGN.md §2).
+"""Full, clustered and improved-clustered attention (DESIGN.md §2).
 
-These functions define the semantics that every compiled kernel is tested against, and they
-are the fallback when no kernel is available. The clustered paths never materialise an
-(L, S) tensor: clustered attention is O(C·S) in memory, improved-clustered O(C·S + L·k).
+Each step has its PyTorch reference here, side by side with the compiled operator of csrc/ that
+replaces it when :func:`compiled.usable` says so (see :mod:`.compiled`): the references define the
+semantics every kernel is tested against, and are the fallback when no kernel is available. The
+clustered paths never materialise an (L, S) tensor: clustered attention is O(C·S) in memory,
+improved-clustered O(C·S + L·k) (the compiled path; the reference gathers L·k·E keys).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from . import compiled
 from .checks import check_clustering, check_generator, check_int, check_masks, check_positive, check_qkv
 from .hashing import draw_planes, lsh_hash
 from .kmeans import _one_hot, hamming_kmeans
@@ -75,14 +78,20 @@ def _cluster_queries(
     planes = draw_planes(hash_bits, q.shape[-1], hash_bias, generator, q.device)
     codes = lsh_hash(q.detach(), planes)  # (N, H, L)
     assignment, counts = hamming_kmeans(codes, hash_bits, clusters, iterations, query_padding_mask, generator)
-    members = _one_hot(assignment, counts.shape[-1], q.dtype)  # (N, H, L, C)
-    sums = members.transpose(-1, -2) @ q  # (N, H, C, E); gradients reach every member query
+    if compiled.usable(q):
+        sums = torch.ops.fairseq_clustered.cluster_sum(q, assignment, counts.shape[-1])  # (N, H, C, E)
+    else:
+        members = _one_hot(assignment, counts.shape[-1], q.dtype)  # (N, H, L, C)
+        sums = members.transpose(-1, -2) @ q  # (N, H, C, E); gradients reach every member query
     centroids = sums / counts.clamp_min(1).unsqueeze(-1).to(q.dtype)
     return assignment, counts, centroids
 
 
 def _broadcast(per_cluster: Tensor, assignment: Tensor) -> Tensor:
-    """Give each query its cluster's row: (N, H, C, M) -> (N, H, L, M) (padded queries get row 0)."""
+    """Give each query its cluster's row: (N, H, C, M) -> (N, H, L, M) (padded queries: row 0 in
+    the reference, zeros compiled; both are zeroed afterwards)."""
+    if compiled.usable(per_cluster):
+        return torch.ops.fairseq_clustered.cluster_broadcast(per_cluster, assignment)
     index = assignment.clamp_min(0).unsqueeze(-1).expand(*assignment.shape, per_cluster.shape[-1])
     return per_cluster.gather(2, index)
 
@@ -127,6 +136,33 @@ def clustered_attention(
     return (out, ClusterInfo(assignment, counts, None)) if return_clusters else out
 
 
+def _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask):
+    """m̂ (N, H, C), the rest Σ_{t∉T_j} A^c_jt v_t (N, H, C, M), and every query's exact attention
+    over its cluster's top-k keys (N, H, L, M), gathering k keys and values per query."""
+    n, h, length, e = q.shape
+    s, m = k.shape[2], v.shape[3]
+    # Top-k keys per cluster; padded keys rank below every real key (their weight is 0 either way).
+    rank = attn.detach()
+    if key_padding_mask is not None:
+        rank = rank.masked_fill(key_padding_mask[:, None, None, :], -1.0)
+    top = rank.topk(kk, dim=-1).indices  # (N, H, C, k)
+    top_attn = attn.gather(-1, top)  # (N, H, C, k), differentiable
+    topk_mass = top_attn.sum(-1)  # (N, H, C): m̂
+    rest = attn.scatter(-1, top, 0.0).to(v.dtype) @ v  # (N, H, C, M): Σ_{t∉T_j} A^c_jt v_t
+
+    query_top = top.gather(2, assignment.clamp_min(0).unsqueeze(-1).expand(n, h, length, kk))  # (N, H, L, k)
+    rows = (query_top + torch.arange(n * h, device=q.device).view(n, h, 1, 1) * s).flatten()  # rows of (N*H*S)
+    k_top = k.reshape(n * h * s, e).index_select(0, rows).view(n, h, length, kk, e)  # (N, H, L, k, E)
+    v_top = v.reshape(n * h * s, m).index_select(0, rows).view(n, h, length, kk, m)  # (N, H, L, k, M)
+    scores = torch.einsum("nhle,nhlke->nhlk", q, k_top) * scale  # (N, H, L, k)
+    if key_padding_mask is not None:
+        padded = key_padding_mask[:, None, :].expand(n, h, s).gather(2, query_top.view(n, h, -1)).view_as(scores)
+        scores = scores.masked_fill(padded, float("-inf"))
+    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
+    top_out = torch.einsum("nhlk,nhlkm->nhlm", weights, v_top)  # (N, H, L, M)
+    return topk_mass, rest, top_out
+
+
 def improved_clustered_attention(
     q: Tensor,
     k: Tensor,
@@ -153,35 +189,26 @@ def improved_clustered_attention(
     """
     _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator)
     check_int(topk, "topk", 1)
-    n, h, length, e = q.shape
-    s, m = k.shape[2], v.shape[3]
-    scale = _scale(softmax_temp, e)
+    scale = _scale(softmax_temp, q.shape[-1])
     assignment, counts, centroids = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
-    attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
-
-    # Top-k keys per cluster; padded keys rank below every real key (their weight is 0 either way).
-    kk = min(topk, s)
-    rank = attn.detach()
-    if key_padding_mask is not None:
-        rank = rank.masked_fill(key_padding_mask[:, None, None, :], -1.0)
-    top = rank.topk(kk, dim=-1).indices  # (N, H, C, k)
-    top_attn = attn.gather(-1, top)  # (N, H, C, k), differentiable
-    topk_mass = top_attn.sum(-1)  # (N, H, C): m̂
-    rest = attn.scatter(-1, top, 0.0).to(v.dtype) @ v  # (N, H, C, M): Σ_{t∉T_j} A^c_jt v_t
-
-    # Exact attention of every query on its cluster's top-k keys.
-    query_top = top.gather(2, assignment.clamp_min(0).unsqueeze(-1).expand(n, h, length, kk))  # (N, H, L, k)
-    rows = (query_top + torch.arange(n * h, device=q.device).view(n, h, 1, 1) * s).flatten()  # rows of (N*H*S)
-    k_top = k.reshape(n * h * s, e).index_select(0, rows).view(n, h, length, kk, e)  # (N, H, L, k, E)
-    v_top = v.reshape(n * h * s, m).index_select(0, rows).view(n, h, length, kk, m)  # (N, H, L, k, M)
-    scores = torch.einsum("nhle,nhlke->nhlk", q, k_top) * scale  # (N, H, L, k)
-    if key_padding_mask is not None:
-        padded = key_padding_mask[:, None, :].expand(n, h, s).gather(2, query_top.view(n, h, -1)).view_as(scores)
-        scores = scores.masked_fill(padded, float("-inf"))
-    weights = torch.softmax(scores, dim=-1, dtype=torch.promote_types(scores.dtype, torch.float32)).to(v.dtype)
-    top_out = torch.einsum("nhlk,nhlkm->nhlm", weights, v_top)  # (N, H, L, M)
+    kk = min(topk, k.shape[2])
+    scores = centroids @ k.transpose(-1, -2) * scale  # (N, H, C, S)
+    if compiled.usable(q):
+        # softmax and the top-k selection in one operator; the exact products over each cluster's
+        # top-k keys without gathering them per query.
+        attn, top = torch.ops.fairseq_clustered.softmax_topk(scores, key_padding_mask, kk)  # fp32+, (N, H, C, k)
+        top_attn = attn.gather(-1, top)  # (N, H, C, k), differentiable
+        topk_mass = top_attn.sum(-1)  # (N, H, C): m̂
+        # Σ_{t∉T_j} A^c_jt v_t as A^c V minus the top-k part: no masked (C, S) copy of A^c.
+        n, h, c, _ = top.shape
+        v_top = v.gather(2, top.reshape(n, h, c * kk, 1).expand(n, h, c * kk, v.shape[3])).view(n, h, c, kk, -1)
+        rest = attn.to(v.dtype) @ v - (top_attn.to(v.dtype).unsqueeze(-2) @ v_top).squeeze(-2)  # (N, H, C, M)
+        top_out, _ = torch.ops.fairseq_clustered.topk_attention(q, k, v, assignment, top, key_padding_mask, scale)
+    else:
+        attn = _softmax(scores, key_padding_mask)  # (N, H, C, S), fp32+
+        topk_mass, rest, top_out = _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask)
 
     mass = _broadcast(topk_mass.unsqueeze(-1), assignment).to(v.dtype)  # (N, H, L, 1)
     out = mass * top_out + _broadcast(rest, assignment)

@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from . import compiled
 from .checks import MAX_HASH_BITS, check_int
 
 
@@ -55,5 +56,10 @@ def unpack_bits(codes: Tensor, hash_bits: int) -> Tensor:
 
 @torch.no_grad()
 def lsh_hash(x: Tensor, planes: Tensor) -> Tensor:
-    """Hash vectors x (..., E) with hyperplanes (B, E + 1) into int64 codes (...), bit b = plane b."""
+    """Hash vectors x (..., E) with hyperplanes (B, E + 1) into int64 codes (...), bit b = plane b.
+
+    Runs the compiled kernel when one is available (:mod:`.compiled`): the same projection GEMM
+    with the threshold and the packing fused, so the codes are identical to the reference's."""
+    if compiled.usable(x) and x.shape[-1] == planes.shape[1] - 1:
+        return torch.ops.fairseq_clustered.lsh_hash(x, planes)
     return pack_bits(hash_bits_of(x, planes))

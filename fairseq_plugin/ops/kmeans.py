@@ -13,6 +13,7 @@ from typing import Optional, Tuple
 import torch
 from torch import Tensor
 
+from . import compiled
 from .checks import check_generator, check_int, check_mask, MAX_HASH_BITS
 from .hashing import unpack_bits
 
@@ -51,6 +52,65 @@ def _random_real_positions(
     return real_order.view(n, 1, -1).expand(n, h, -1).gather(-1, rank)
 
 
+def draw_kmeans_seeds(
+    n: int,
+    h: int,
+    length: int,
+    clusters: int,
+    iterations: int,
+    padding_mask: Tensor,
+    generator: Optional[torch.Generator],
+    device: torch.device,
+) -> Tuple[Tensor, Tensor]:
+    """The random part of k-means, drawn up front from ``generator`` so that the compiled kernel
+    and the reference consume the same stream and agree bit for bit.
+
+    Returns ``(init, reseed)``: init (N, H, C) int64, the initial centroids as query positions (a
+    random permutation of the real queries per (n, h), its first C, cycled when a row has fewer
+    than C real queries); reseed (iterations, N, H, C) int64, for every iteration a uniformly random
+    real query per cluster, whose code an empty cluster takes.
+    """
+    real = ~padding_mask.view(n, 1, length).expand(n, h, length)  # (N, H, L)
+    real_count = (~padding_mask).sum(1).clamp_min(1)  # (N,)
+    real_order = torch.argsort(padding_mask.to(torch.int8), dim=1, stable=True)  # real positions first
+    keys = torch.rand(n, h, length, generator=generator, device=device, dtype=torch.float64)
+    keys = keys.masked_fill(~real, 2.0)
+    # The C smallest keys in order: the first C of a random permutation with the real queries
+    # first (O(L), not a sort; the keys of real queries are distinct with probability 1).
+    first = keys.topk(clusters, dim=-1, largest=False, sorted=True).indices  # (N, H, C)
+    slot = torch.arange(clusters, device=device).view(1, 1, clusters) % real_count.view(n, 1, 1)  # (N, 1, C)
+    init = first.gather(-1, slot.expand(n, h, clusters))  # (N, H, C)
+    reseed = [_random_real_positions(real_order, real_count, (n, h, clusters), generator) for _ in range(iterations)]
+    reseed = torch.stack(reseed) if reseed else torch.empty(0, n, h, clusters, dtype=torch.int64, device=device)
+    return init, reseed
+
+
+def kmeans_from_seeds(
+    codes: Tensor, hash_bits: int, init: Tensor, reseed: Tensor, padding_mask: Optional[Tensor]
+) -> Tuple[Tensor, Tensor]:
+    """The deterministic part of k-means (the PyTorch reference): ``reseed.shape[0]`` Lloyd
+    iterations from the centroids ``codes[init]``, then a final assignment."""
+    n, h, length = codes.shape
+    c = init.shape[-1]
+    real = torch.ones(n, h, length, dtype=torch.bool, device=codes.device)
+    if padding_mask is not None:
+        real = ~padding_mask.view(n, 1, length).expand(n, h, length)
+    bits = unpack_bits(codes, hash_bits).to(torch.float32)  # (N, H, L, B)
+    centroid_bits = bits.gather(2, init.unsqueeze(-1).expand(n, h, c, hash_bits))  # (N, H, C, B)
+    for reseed_step in reseed:
+        assignment = _assign(bits, centroid_bits, real)
+        members = _one_hot(assignment, c, torch.float32)  # (N, H, L, C)
+        size = members.sum(2)  # (N, H, C)
+        ones = members.transpose(-1, -2) @ bits  # (N, H, C, B)
+        centroid_bits = (2 * ones > size.unsqueeze(-1)).to(torch.float32)
+        reseed_bits = bits.gather(2, reseed_step.unsqueeze(-1).expand(n, h, c, hash_bits))
+        centroid_bits = torch.where((size == 0).unsqueeze(-1), reseed_bits, centroid_bits)
+
+    assignment = _assign(bits, centroid_bits, real)
+    counts = _one_hot(assignment, c, torch.int64).sum(2)
+    return assignment, counts
+
+
 @torch.no_grad()
 def hamming_kmeans(
     codes: Tensor,
@@ -65,6 +125,7 @@ def hamming_kmeans(
     Returns ``(assignment, counts)``: assignment (N, H, L) int64 in [0, C) and -1 for padded
     queries, counts (N, H, C) int64 members per cluster. The initial centroids are distinct real
     queries drawn from ``generator`` (repeated when a row has fewer real queries than clusters).
+    Runs the compiled kernel when one is available (:mod:`.compiled`), else the reference.
     """
     if codes.dim() != 3 or codes.dtype != torch.int64:
         raise ValueError(f"codes must be an int64 tensor (N, H, L), got {codes.dtype} {tuple(codes.shape)}")
@@ -75,34 +136,8 @@ def hamming_kmeans(
     n, h, length = codes.shape
     check_mask(padding_mask, "query_padding_mask", n, length, codes.device)
     c = min(clusters, length)
-
-    if padding_mask is None:
-        padding_mask = torch.zeros(n, length, dtype=torch.bool, device=codes.device)
-    real = ~padding_mask.view(n, 1, length).expand(n, h, length)  # (N, H, L)
-    real_count = (~padding_mask).sum(1).clamp_min(1)  # (N,)
-    real_order = torch.argsort(padding_mask.to(torch.int8), dim=1, stable=True)  # real positions first
-
-    bits = unpack_bits(codes, hash_bits).to(torch.float32)  # (N, H, L, B)
-
-    # Initialisation: a random permutation of the real queries per (n, h); the first C of it
-    # (cycled when a row has fewer than C real queries).
-    keys = torch.rand(n, h, length, generator=generator, device=codes.device, dtype=torch.float64)
-    keys = keys.masked_fill(~real, 2.0)
-    perm = torch.argsort(keys, dim=-1, stable=True)  # (N, H, L), real queries first
-    slot = torch.arange(c, device=codes.device).view(1, 1, c) % real_count.view(n, 1, 1)  # (N, 1, C)
-    init = perm.gather(-1, slot.expand(n, h, c))  # (N, H, C)
-    centroid_bits = bits.gather(2, init.unsqueeze(-1).expand(n, h, c, hash_bits))  # (N, H, C, B)
-
-    for _ in range(iterations):
-        assignment = _assign(bits, centroid_bits, real)
-        members = _one_hot(assignment, c, torch.float32)  # (N, H, L, C)
-        size = members.sum(2)  # (N, H, C)
-        ones = members.transpose(-1, -2) @ bits  # (N, H, C, B)
-        centroid_bits = (2 * ones > size.unsqueeze(-1)).to(torch.float32)
-        reseed = _random_real_positions(real_order, real_count, (n, h, c), generator)  # drawn every step
-        reseed_bits = bits.gather(2, reseed.unsqueeze(-1).expand(n, h, c, hash_bits))
-        centroid_bits = torch.where((size == 0).unsqueeze(-1), reseed_bits, centroid_bits)
-
-    assignment = _assign(bits, centroid_bits, real)
-    counts = _one_hot(assignment, c, torch.int64).sum(2)
-    return assignment, counts
+    pad = padding_mask if padding_mask is not None else torch.zeros(n, length, dtype=torch.bool, device=codes.device)
+    init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, pad, generator, codes.device)
+    if compiled.usable(codes):
+        return torch.ops.fairseq_clustered.hamming_kmeans(codes, init, reseed, padding_mask, hash_bits)
+    return kmeans_from_seeds(codes, hash_bits, init, reseed, padding_mask)

@@ -1,0 +1,216 @@
+// Helpers shared by the CPU kernels: argument checks that name the argument, ISA dispatch
+// for the hot loops, and a vectorisable exp.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+
+namespace fca {
+
+// ---------------------------------------------------------------------------------------------
+// Checks (TORCH_CHECK raises RuntimeError / ValueError-like messages in Python).
+
+inline void check_float(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble,
+              name, " must be float32 or float64 on CPU, got ", t.scalar_type());
+}
+
+inline void check_dim(const at::Tensor& t, int64_t dim, const char* name, const char* shape) {
+  TORCH_CHECK(t.dim() == dim, name, " must have shape ", shape, ", got ", t.sizes());
+}
+
+inline void check_index(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, name, " must be int64, got ", t.scalar_type());
+}
+
+inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
+  TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on one device, got ", a.device(), " and ",
+              b.device());
+}
+
+// ---------------------------------------------------------------------------------------------
+// ISA dispatch. The extension is built once (often on a login node) and run on whatever nodes a
+// job lands on, so it is compiled for baseline x86-64 and the hot loops get AVX2 and AVX-512
+// variants chosen at run time, not -march=native.
+
+enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
+
+inline Isa cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__)
+  static const Isa isa = [] {
+    __builtin_cpu_init();
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
+        __builtin_cpu_supports("avx512vpopcntdq"))
+      return Isa::kAvx512;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
+    return Isa::kDefault;
+  }();
+  return isa;
+#else
+  return Isa::kDefault;
+#endif
+}
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define FCA_TARGET_AVX512 __attribute__((target("avx2,fma,popcnt,avx512f,avx512vl,avx512bw,avx512dq,avx512vpopcntdq")))
+#define FCA_TARGET_AVX2 __attribute__((target("avx2,fma,popcnt")))
+#define FCA_HAVE_MULTIVERSION 1
+#else
+#define FCA_TARGET_AVX512
+#define FCA_TARGET_AVX2
+#define FCA_HAVE_MULTIVERSION 0
+#endif
+#define FCA_INLINE inline __attribute__((always_inline))
+
+// Define NAME_avx512, NAME_avx2 and NAME_default wrappers around the always-inline template
+// NAME_body<T, VB>, VB being the vector width in bytes the variant computes with (64, 32, 16),
+// and NAME<T>(...) that picks one at run time.
+#define FCA_MULTIVERSION(NAME)                                                                  \
+  template <typename T, typename... A>                                                          \
+  FCA_TARGET_AVX512 void NAME##_avx512(A... a) { NAME##_body<T, 64>(a...); }                    \
+  template <typename T, typename... A>                                                          \
+  FCA_TARGET_AVX2 void NAME##_avx2(A... a) { NAME##_body<T, 32>(a...); }                        \
+  template <typename T, typename... A>                                                          \
+  void NAME##_default(A... a) { NAME##_body<T, 16>(a...); }                                     \
+  template <typename T, typename... A>                                                          \
+  void NAME(A... a) {                                                                           \
+    switch (::fca::cpu_isa()) {                                                                 \
+      case ::fca::Isa::kAvx512: return NAME##_avx512<T, A...>(a...);                           \
+      case ::fca::Isa::kAvx2: return NAME##_avx2<T, A...>(a...);                                \
+      default: return NAME##_default<T, A...>(a...);                                            \
+    }                                                                                           \
+  }
+
+// exp(x) for x <= 0 (softmax after subtracting the row max), branch-free so loops over it
+// vectorise: 2^n * p(r) with r in [-ln2/2, ln2/2] and a degree-6 polynomial; relative error
+// about 2e-7 in float. Inputs below -87 (and -inf) give exp(-87) ~ 1.6e-38, not 0: callers
+// give masked entries weight 0 themselves. Double uses std::exp (gradcheck, tests).
+FCA_INLINE float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;  // exp(-87) ~ 1.6e-38, still normal; -inf lands here too
+  x = x > 0.0f ? 0.0f : x;      // keeps 2^n representable whatever the caller passes
+  const float n = __builtin_rintf(x * 1.44269504088896341f);
+  const float r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+FCA_INLINE double exp_nonpositive(double x) { return std::exp(x); }
+
+// exp_nonpositive on a vector of floats, in vector-extension operations only (rounding by the
+// 1.5 * 2^23 trick, valid here since |x| <= 87).
+template <typename V>
+FCA_INLINE V exp_nonpositive_vec(V x) {
+  typedef int32_t IV __attribute__((vector_size(sizeof(V))));
+  const V lo = -87.0f - V{}, zero = V{};
+  x = x < lo ? lo : x;
+  x = x > zero ? zero : x;
+  const V magic = 12582912.0f - V{};
+  const V n = (x * 1.44269504088896341f + magic) - magic;
+  const V r = (x - n * 0.693145751953125f) - n * 1.42860682030941723212e-6f;
+  V p = 1.0f / 720.0f - V{};
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  const IV bits = (__builtin_convertvector(n, IV) + 127) << 23;
+  V scale;
+  __builtin_memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// A VB-byte vector of T (GCC/Clang vector extension): one register of the variant's ISA
+// (64 bytes: AVX-512, 32: AVX2, 16: SSE). Explicit vectors keep the blocked loops vectorised
+// along the axis we choose, with their accumulators in registers.
+template <typename T, int VB>
+struct Vec {
+  typedef T type __attribute__((vector_size(VB)));
+  static constexpr int64_t size = VB / sizeof(T);
+};
+// The widest variant's lane count: tiles are padded to a multiple of it, which is a multiple of
+// every narrower variant's.
+template <typename T>
+constexpr int64_t kMaxLanes = 64 / sizeof(T);
+
+template <typename V, typename T>
+FCA_INLINE V load_vec(const T* p) {
+  V v;
+  __builtin_memcpy(&v, p, sizeof(V));
+  return v;
+}
+template <typename V, typename T>
+FCA_INLINE void store_vec(T* p, const V& v) {
+  __builtin_memcpy(p, &v, sizeof(V));
+}
+
+// Sum of the lanes of a vector.
+template <typename T, typename V>
+FCA_INLINE T hsum(const V& v) {
+  constexpr int64_t n = sizeof(V) / sizeof(T);
+  T lanes[n];
+  __builtin_memcpy(lanes, &v, sizeof(V));
+  T total = T(0);
+  for (int64_t i = 0; i < n; ++i) total += lanes[i];
+  return total;
+}
+
+// In place over n (a multiple of the vector size) scores: w_t = allowed_t exp(s_t - max over
+// allowed s) / sum, all zero when nothing is allowed (allowed_t is 1 or 0).
+template <typename T, int VB>
+FCA_INLINE void masked_softmax(T* s, const T* allowed, int64_t n) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  const T lowest = std::numeric_limits<T>::lowest();
+  V mx = lowest - V{};
+  for (int64_t t = 0; t < n; t += W) {
+    const V a = load_vec<V>(allowed + t), x = load_vec<V>(s + t);
+    const V v = a != T(0) ? x : lowest - V{};
+    mx = mx > v ? mx : v;
+  }
+  T lanes[W];
+  __builtin_memcpy(lanes, &mx, sizeof(V));
+  T m = lowest;
+  for (int64_t i = 0; i < W; ++i) m = lanes[i] > m ? lanes[i] : m;
+  V sum = V{};
+  for (int64_t t = 0; t < n; t += W) {
+    const V a = load_vec<V>(allowed + t), x = load_vec<V>(s + t);
+    // Padded keys may score above the max: give exp a harmless argument and the weight 0.
+    V arg = a != T(0) ? x - m : T(-100) - V{};
+    V e;
+    if constexpr (std::is_same_v<T, float>) {
+      e = exp_nonpositive_vec(arg);
+    } else {
+      for (int64_t i = 0; i < W; ++i) e[i] = std::exp(arg[i]);
+    }
+    e = a * e;
+    store_vec(s + t, e);
+    sum += e;
+  }
+  const T total = hsum<T>(sum);
+  const T inv = total > T(0) ? T(1) / total : T(0);  // 0: every key padded (no real key)
+  for (int64_t t = 0; t < n; t += W) store_vec(s + t, load_vec<V>(s + t) * inv);
+}
+
+template <typename T>
+struct Acc { using type = float; };
+template <>
+struct Acc<double> { using type = double; };
+
+}  // namespace fca

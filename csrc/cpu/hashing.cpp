@@ -1,0 +1,53 @@
+// LSH hashing into packed int64 codes (DESIGN.md §2, step 1).
+//
+// The projections are one GEMM (at::matmul, exactly the reference's call, so codes are
+// bit-identical to it); the kernel fuses the threshold against the plane offsets with the
+// packing, instead of materialising a bool (..., B) tensor and an int64 multiply-sum.
+#include "cpu_common.h"
+
+#include <torch/library.h>
+
+namespace fca {
+namespace {
+
+template <typename T>
+void pack_rows(const T* proj, const T* offsets, int64_t rows, int64_t bits, int64_t* codes) {
+  at::parallel_for(0, rows, 2048, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const T* p = proj + r * bits;
+      uint64_t code = 0;
+      for (int64_t b = 0; b < bits; ++b) code |= static_cast<uint64_t>(p[b] > offsets[b]) << b;
+      codes[r] = static_cast<int64_t>(code);
+    }
+  });
+}
+
+}  // namespace
+
+at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
+  TORCH_CHECK(x.dim() >= 1, "x must have a feature dimension, got a scalar");
+  check_dim(planes, 2, "planes", "(hash_bits, E + 1)");
+  const int64_t dim = x.size(-1), bits = planes.size(0);
+  TORCH_CHECK(planes.size(1) == dim + 1, "planes must have shape (hash_bits, E + 1) = (", bits, ", ", dim + 1,
+              ") for x with E = ", dim, ", got ", planes.sizes());
+  TORCH_CHECK(bits >= 1 && bits <= 63, "hash_bits (planes.size(0)) must be in 1..63, got ", bits);
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()), "x must be a floating-point tensor, got ", x.scalar_type());
+  check_same_device(x, planes, "x", "planes");
+  const auto compute = at::promote_types(x.scalar_type(), at::kFloat);
+  // The reference: proj = x.to(compute) @ planes[:, :E].to(compute).T; bit = proj > planes[:, E].
+  at::Tensor proj = at::matmul(x.to(compute), planes.narrow(1, 0, dim).to(compute).t()).contiguous();
+  at::Tensor offsets = planes.select(1, dim).to(compute).contiguous();
+  auto sizes = x.sizes().vec();
+  sizes.pop_back();
+  at::Tensor codes = at::empty(sizes, x.options().dtype(at::kLong));
+  const int64_t rows = codes.numel();
+  AT_DISPATCH_FLOATING_TYPES(compute, "lsh_hash", [&] {
+    pack_rows<scalar_t>(proj.const_data_ptr<scalar_t>(), offsets.const_data_ptr<scalar_t>(), rows, bits,
+                        codes.mutable_data_ptr<int64_t>());
+  });
+  return codes;
+}
+
+TORCH_LIBRARY_IMPL(fairseq_clustered, CPU, m) { m.impl("lsh_hash", &lsh_hash_cpu); }
+
+}  // namespace fca

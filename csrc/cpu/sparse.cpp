@@ -1,0 +1,359 @@
+// The clustered sparse products of i-clustered attention (DESIGN.md §2):
+//
+//   forward   out_i = sum_{t in T_j} w_it v_t,  w_i = softmax_t(scale * q_i . k_t),  j = cluster of i
+//   backward  the gradients of out with respect to q, k and v, given the saved weights w.
+//
+// Queries are grouped by cluster (a counting sort per (n, h)), so the k keys and values of a
+// cluster are gathered once into small contiguous tiles, laid out so that the inner loops run
+// over t (scores) and over the feature axis (outputs) and vectorise. Nothing of size L x k x E is
+// materialised (the reference gathers k keys and values per query). Padded keys inside a top-k
+// set get weight 0; padded queries (assignment -1) get a zero row. Backward accumulates each
+// cluster's key/value gradients in a tile and adds it once, in cluster order: deterministic.
+#include "cpu_common.h"
+
+#include <torch/library.h>
+
+#include <limits>
+#include <vector>
+
+namespace fca {
+namespace {
+
+struct Shapes {
+  int64_t n, h, length, s, e, m, clusters, k;
+};
+
+// members of every cluster of one (n, h): order[offsets[j] .. offsets[j + 1]).
+void group_by_cluster(const int64_t* assignment, int64_t length, int64_t clusters, int64_t* order,
+                      int64_t* offsets) {
+  std::fill(offsets, offsets + clusters + 1, 0);
+  for (int64_t l = 0; l < length; ++l) {
+    const int64_t a = assignment[l];
+    TORCH_CHECK(a < clusters, "assignment holds cluster ", a, " >= C = ", clusters, " (top.size(2))");
+    if (a >= 0) offsets[a + 1] += 1;
+  }
+  for (int64_t j = 0; j < clusters; ++j) offsets[j + 1] += offsets[j];
+  std::vector<int64_t> fill(offsets, offsets + clusters);
+  for (int64_t l = 0; l < length; ++l)
+    if (assignment[l] >= 0) order[fill[assignment[l]]++] = l;
+}
+
+// The register-blocked loops run on vectors of the variant's width (cpu_common.h: Vec); tiles
+// are padded to a multiple of it, so every inner loop has a constant trip count, keeps its
+// accumulators in registers and needs no tail.
+
+inline int64_t round_up(int64_t x, int64_t w) { return (x + w - 1) / w * w; }
+
+// Members are processed QB at a time: QB independent accumulator chains hide the FMA latency,
+// and each tile row loaded from L1 serves QB queries.
+constexpr int64_t QB = 4;
+
+// Scratch sizes (elements) of the forward and backward tiles for k keys, E and M features.
+template <typename T>
+int64_t forward_scratch(int64_t k, int64_t e, int64_t m) {
+  const int64_t kp = round_up(k, kMaxLanes<T>), mp = round_up(m, kMaxLanes<T>);
+  return e * kp + kp * mp + kp + QB * (e + kp + mp);
+}
+template <typename T>
+int64_t backward_scratch(int64_t k, int64_t e, int64_t m) {
+  const int64_t kp = round_up(k, kMaxLanes<T>), ep = round_up(e, kMaxLanes<T>), mp = round_up(m, kMaxLanes<T>);
+  return 2 * kp * ep + 2 * kp * mp + QB * (2 * kp + 2 * ep + mp);
+}
+
+// One cluster of one (n, h): gather its keys (transposed, E x kp) and values (kp x mp) into
+// zero-padded tiles, then the members' scores, softmax and weighted sums, QB members at a time.
+template <typename T, int VB>
+FCA_INLINE void forward_cluster_body(const T* q, const T* key, const T* value, const bool* kpad,
+                                     const int64_t* members, int64_t count, const int64_t* top, int64_t k,
+                                     int64_t e_dim, int64_t m_dim, T scale, T* out, T* weights, T* scratch) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  const int64_t kp = round_up(k, W), mp = round_up(m_dim, W);
+  T* kt = scratch;               // (E, kp)
+  T* vt = kt + e_dim * kp;       // (kp, mp)
+  T* allowed = vt + kp * mp;     // (kp): 1 real key, 0 padded key or padding column
+  T* qs = allowed + kp;          // (QB, E): the group's queries, scaled
+  T* s = qs + QB * e_dim;        // (QB, kp): scores, then weights
+  T* o = s + QB * kp;            // (QB, mp): outputs
+  // The caller zeroes scratch once: the padding columns (t >= k, m >= M) stay zero, and every
+  // real entry is overwritten below.
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t key_index = top[t];
+    const T* kr = key + key_index * e_dim;
+    for (int64_t e = 0; e < e_dim; ++e) kt[e * kp + t] = kr[e];
+    std::copy(value + key_index * m_dim, value + (key_index + 1) * m_dim, vt + t * mp);
+    allowed[t] = (kpad != nullptr && kpad[key_index]) ? T(0) : T(1);
+  }
+  for (int64_t g0 = 0; g0 < count; g0 += QB) {
+    const int64_t group = count - g0 < QB ? count - g0 : QB;
+    for (int64_t g = 0; g < QB; ++g) {  // a short last group repeats its first query
+      const T* qi = q + members[g0 + (g < group ? g : 0)] * e_dim;
+      for (int64_t e = 0; e < e_dim; ++e) qs[g * e_dim + e] = qi[e] * scale;
+    }
+    for (int64_t t0 = 0; t0 < kp; t0 += W) {  // s = (scale q) K_T^T, W keys x QB queries at a time
+      V acc[QB] = {};
+      for (int64_t e = 0; e < e_dim; ++e) {
+        const V row = load_vec<V>(kt + e * kp + t0);
+        for (int64_t g = 0; g < QB; ++g) acc[g] += qs[g * e_dim + e] * row;
+      }
+      for (int64_t g = 0; g < QB; ++g) store_vec(s + g * kp + t0, acc[g]);
+    }
+    for (int64_t g = 0; g < QB; ++g) masked_softmax<T, VB>(s + g * kp, allowed, kp);
+    for (int64_t m0 = 0; m0 < mp; m0 += W) {  // o = w V_T, W features x QB queries at a time
+      V acc[QB] = {};
+      for (int64_t t = 0; t < k; ++t) {
+        const V row = load_vec<V>(vt + t * mp + m0);
+        for (int64_t g = 0; g < QB; ++g) acc[g] += s[g * kp + t] * row;
+      }
+      for (int64_t g = 0; g < QB; ++g) store_vec(o + g * mp + m0, acc[g]);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t i = members[g0 + g];
+      std::copy(s + g * kp, s + g * kp + k, weights + i * k);
+      std::copy(o + g * mp, o + g * mp + m_dim, out + i * m_dim);
+    }
+  }
+}
+FCA_MULTIVERSION(forward_cluster)
+
+// One cluster of one (n, h), backward: dq of the members, and the cluster's contribution to dk
+// and dv accumulated in tiles, then added to the key/value rows. QB members at a time; a short
+// last group is padded with zero gradients, which contribute nothing.
+template <typename T, int VB>
+FCA_INLINE void backward_cluster_body(const T* grad_out, const T* q, const T* key, const T* value,
+                                      const T* weights, const int64_t* members, int64_t count, const int64_t* top,
+                                      int64_t k, int64_t e_dim, int64_t m_dim, T scale, T* gq, T* gk, T* gv,
+                                      T* scratch) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  const int64_t kp = round_up(k, W), ep = round_up(e_dim, W), mp = round_up(m_dim, W);
+  T* kr = scratch;                 // (kp, ep) keys, row layout
+  T* vt = kr + kp * ep;            // (mp, kp) values, transposed
+  T* gk_tile = vt + mp * kp;       // (kp, ep)
+  T* gv_tile = gk_tile + kp * ep;  // (kp, mp)
+  T* gs = gv_tile + kp * mp;       // (QB, kp)
+  T* wi = gs + QB * kp;            // (QB, kp)
+  T* qb = wi + QB * kp;            // (QB, ep)
+  T* gob = qb + QB * ep;           // (QB, mp)
+  T* dq = gob + QB * mp;           // (QB, ep)
+  // The caller zeroes scratch once; the padded parts of the key/value tiles stay zero and the
+  // gradient tiles are cleared here.
+  std::fill(gk_tile, gk_tile + kp * (ep + mp), T(0));
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t key_index = top[t];
+    std::copy(key + key_index * e_dim, key + (key_index + 1) * e_dim, kr + t * ep);
+    const T* vr = value + key_index * m_dim;
+    for (int64_t mm = 0; mm < m_dim; ++mm) vt[mm * kp + t] = vr[mm];
+  }
+  for (int64_t g0 = 0; g0 < count; g0 += QB) {
+    const int64_t group = count - g0 < QB ? count - g0 : QB;
+    for (int64_t g = 0; g < QB; ++g) {
+      if (g < group) {
+        const int64_t i = members[g0 + g];
+        std::copy(grad_out + i * m_dim, grad_out + (i + 1) * m_dim, gob + g * mp);
+        std::copy(q + i * e_dim, q + (i + 1) * e_dim, qb + g * ep);
+        std::copy(weights + i * k, weights + (i + 1) * k, wi + g * kp);
+      } else {
+        std::fill(gob + g * mp, gob + (g + 1) * mp, T(0));
+        std::fill(wi + g * kp, wi + (g + 1) * kp, T(0));
+      }
+    }
+    for (int64_t t0 = 0; t0 < kp; t0 += W) {  // gw = g V_T^T
+      V acc[QB] = {};
+      for (int64_t mm = 0; mm < m_dim; ++mm) {
+        const V row = load_vec<V>(vt + mm * kp + t0);
+        for (int64_t g = 0; g < QB; ++g) acc[g] += gob[g * mp + mm] * row;
+      }
+      for (int64_t g = 0; g < QB; ++g) store_vec(gs + g * kp + t0, acc[g]);
+    }
+    for (int64_t g = 0; g < QB; ++g) {  // gs = w * (gw - w.gw) * scale = d loss / d (q_i . k_t)
+      T* gsg = gs + g * kp;
+      const T* wg = wi + g * kp;
+      V acc = V{};
+      for (int64_t t = 0; t < kp; t += W) acc += load_vec<V>(wg + t) * load_vec<V>(gsg + t);
+      const T dot = hsum<T>(acc);
+      for (int64_t t = 0; t < kp; t += W)
+        store_vec(gsg + t, load_vec<V>(wg + t) * (load_vec<V>(gsg + t) - dot) * scale);
+    }
+    for (int64_t e0 = 0; e0 < ep; e0 += W) {  // dq = gs K_T
+      V acc[QB] = {};
+      for (int64_t t = 0; t < k; ++t) {
+        const V row = load_vec<V>(kr + t * ep + e0);
+        for (int64_t g = 0; g < QB; ++g) acc[g] += gs[g * kp + t] * row;
+      }
+      for (int64_t g = 0; g < QB; ++g) store_vec(dq + g * ep + e0, acc[g]);
+    }
+    for (int64_t g = 0; g < group; ++g) {
+      T* gqi = gq + members[g0 + g] * e_dim;
+      for (int64_t e = 0; e < e_dim; ++e) gqi[e] += dq[g * ep + e];
+    }
+    for (int64_t t = 0; t < k; ++t) {  // dk_t += gs_t q_i, dv_t += w_t g_i over the group
+      T* gkrow = gk_tile + t * ep;
+      T* gvrow = gv_tile + t * mp;
+      for (int64_t e0 = 0; e0 < ep; e0 += W) {
+        V acc = load_vec<V>(gkrow + e0);
+        for (int64_t g = 0; g < QB; ++g) acc += gs[g * kp + t] * load_vec<V>(qb + g * ep + e0);
+        store_vec(gkrow + e0, acc);
+      }
+      for (int64_t m0 = 0; m0 < mp; m0 += W) {
+        V acc = load_vec<V>(gvrow + m0);
+        for (int64_t g = 0; g < QB; ++g) acc += wi[g * kp + t] * load_vec<V>(gob + g * mp + m0);
+        store_vec(gvrow + m0, acc);
+      }
+    }
+  }
+  for (int64_t t = 0; t < k; ++t) {
+    const int64_t key_index = top[t];
+    T* gkr = gk + key_index * e_dim;
+    const T* src = gk_tile + t * ep;
+    for (int64_t e = 0; e < e_dim; ++e) gkr[e] += src[e];
+    T* gvr = gv + key_index * m_dim;
+    const T* srcv = gv_tile + t * mp;
+    for (int64_t mm = 0; mm < m_dim; ++mm) gvr[mm] += srcv[mm];
+  }
+}
+FCA_MULTIVERSION(backward_cluster)
+
+Shapes check_inputs(const at::Tensor& q, const at::Tensor& key, const at::Tensor& value, const at::Tensor& assignment,
+                    const at::Tensor& top) {
+  check_dim(q, 4, "q", "(N, H, L, E)");
+  check_dim(key, 4, "k", "(N, H, S, E)");
+  check_dim(value, 4, "v", "(N, H, S, M)");
+  check_dim(assignment, 3, "assignment", "(N, H, L)");
+  check_dim(top, 4, "top", "(N, H, C, topk)");
+  check_float(q, "q");
+  TORCH_CHECK(key.scalar_type() == q.scalar_type() && value.scalar_type() == q.scalar_type(),
+              "q, k and v must share one dtype, got ", q.scalar_type(), ", ", key.scalar_type(), ", ",
+              value.scalar_type());
+  check_index(assignment, "assignment");
+  check_index(top, "top");
+  for (const auto* t : {&key, &value, &assignment, &top}) check_same_device(q, *t, "q", "every other argument");
+  Shapes sh{q.size(0), q.size(1), q.size(2), key.size(2), q.size(3), value.size(3), top.size(2), top.size(3)};
+  TORCH_CHECK(key.size(0) == sh.n && key.size(1) == sh.h && key.size(3) == sh.e, "k must have shape (N, H, S, E) = (",
+              sh.n, ", ", sh.h, ", S, ", sh.e, "), got ", key.sizes());
+  TORCH_CHECK(value.size(0) == sh.n && value.size(1) == sh.h && value.size(2) == sh.s,
+              "v must have shape (N, H, S, M) = (", sh.n, ", ", sh.h, ", ", sh.s, ", M), got ", value.sizes());
+  TORCH_CHECK(assignment.size(0) == sh.n && assignment.size(1) == sh.h && assignment.size(2) == sh.length,
+              "assignment must have shape (N, H, L) = (", sh.n, ", ", sh.h, ", ", sh.length, "), got ",
+              assignment.sizes());
+  TORCH_CHECK(top.size(0) == sh.n && top.size(1) == sh.h && sh.k >= 1 && sh.k <= sh.s && sh.clusters >= 1,
+              "top must have shape (N, H, C, topk) with 1 <= topk <= S = ", sh.s, ", got ", top.sizes());
+  TORCH_CHECK(top.numel() == 0 || (top.min().item<int64_t>() >= 0 && top.max().item<int64_t>() < sh.s),
+              "top holds key indices outside 0..S-1");
+  return sh;
+}
+
+// Per (n, h): the members of each cluster. Returns (order (N*H, L), offsets (N*H, C + 1)).
+std::pair<std::vector<int64_t>, std::vector<int64_t>> group_all(const int64_t* assignment, const Shapes& sh) {
+  std::vector<int64_t> order(sh.n * sh.h * sh.length), offsets(sh.n * sh.h * (sh.clusters + 1));
+  at::parallel_for(0, sh.n * sh.h, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r)
+      group_by_cluster(assignment + r * sh.length, sh.length, sh.clusters, order.data() + r * sh.length,
+                       offsets.data() + r * (sh.clusters + 1));
+  });
+  return {std::move(order), std::move(offsets)};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                      const at::Tensor& v_in, const at::Tensor& assignment_in,
+                                                      const at::Tensor& top_in,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      double scale) {
+  const Shapes sh = check_inputs(q_in, k_in, v_in, assignment_in, top_in);
+  at::Tensor padded;
+  if (key_padding_mask.has_value()) {
+    padded = key_padding_mask->contiguous();
+    TORCH_CHECK(padded.scalar_type() == at::kBool, "key_padding_mask must be bool, got ", padded.scalar_type());
+    TORCH_CHECK(padded.dim() == 2 && padded.size(0) == sh.n && padded.size(1) == sh.s,
+                "key_padding_mask must have shape (N, S) = (", sh.n, ", ", sh.s, "), got ", padded.sizes());
+  }
+  const at::Tensor q = q_in.contiguous(), key = k_in.contiguous(), value = v_in.contiguous();
+  const at::Tensor assignment = assignment_in.contiguous(), top = top_in.contiguous();
+  at::Tensor out = at::empty({sh.n, sh.h, sh.length, sh.m}, q.options());
+  at::Tensor weights = at::empty({sh.n, sh.h, sh.length, sh.k}, q.options());
+  auto [order, offsets] = group_all(assignment.const_data_ptr<int64_t>(), sh);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_attention", [&] {
+    const scalar_t* qp = q.const_data_ptr<scalar_t>();
+    const scalar_t* kp = key.const_data_ptr<scalar_t>();
+    const scalar_t* vp = value.const_data_ptr<scalar_t>();
+    const int64_t* tp = top.const_data_ptr<int64_t>();
+    const bool* pad = key_padding_mask.has_value() ? padded.const_data_ptr<bool>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    scalar_t* wp = weights.mutable_data_ptr<scalar_t>();
+    const int64_t scratch_size = forward_scratch<scalar_t>(sh.k, sh.e, sh.m);
+    // Every cluster of every (n, h) is an independent task.
+    // Padded queries (assignment -1) belong to no cluster: their rows are zero.
+    const int64_t* ap = assignment.const_data_ptr<int64_t>();
+    at::parallel_for(0, sh.n * sh.h * sh.length, 4096, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (ap[i] < 0) {
+          std::fill(op + i * sh.m, op + (i + 1) * sh.m, scalar_t(0));
+          std::fill(wp + i * sh.k, wp + (i + 1) * sh.k, scalar_t(0));
+        }
+    });
+    at::parallel_for(0, sh.n * sh.h * sh.clusters, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(scratch_size, scalar_t(0));
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t r = task / sh.clusters, j = task % sh.clusters;
+        const int64_t* off = offsets.data() + r * (sh.clusters + 1);
+        if (off[j + 1] == off[j]) continue;
+        forward_cluster<scalar_t>(qp + r * sh.length * sh.e, kp + r * sh.s * sh.e, vp + r * sh.s * sh.m,
+                                  pad == nullptr ? nullptr : pad + (r / sh.h) * sh.s,
+                                  order.data() + r * sh.length + off[j], off[j + 1] - off[j],
+                                  tp + (r * sh.clusters + j) * sh.k, sh.k, sh.e, sh.m, static_cast<scalar_t>(scale),
+                                  op + r * sh.length * sh.m, wp + r * sh.length * sh.k, scratch.data());
+      }
+    });
+  });
+  return {out, weights};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
+    const at::Tensor& grad_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& assignment_in, const at::Tensor& top_in, const at::Tensor& weights_in, double scale) {
+  const Shapes sh = check_inputs(q_in, k_in, v_in, assignment_in, top_in);
+  TORCH_CHECK(grad_in.sizes() == at::IntArrayRef({sh.n, sh.h, sh.length, sh.m}) &&
+                  grad_in.scalar_type() == q_in.scalar_type(),
+              "grad_out must have the shape (N, H, L, M) and dtype of the output, got ", grad_in.sizes(), " ",
+              grad_in.scalar_type());
+  TORCH_CHECK(weights_in.sizes() == at::IntArrayRef({sh.n, sh.h, sh.length, sh.k}) &&
+                  weights_in.scalar_type() == q_in.scalar_type(),
+              "weights must have shape (N, H, L, topk) and the dtype of q, got ", weights_in.sizes(), " ",
+              weights_in.scalar_type());
+  const at::Tensor grad = grad_in.contiguous(), q = q_in.contiguous(), key = k_in.contiguous();
+  const at::Tensor value = v_in.contiguous(), assignment = assignment_in.contiguous(), top = top_in.contiguous();
+  const at::Tensor weights = weights_in.contiguous();
+  at::Tensor gq = at::zeros_like(q), gk = at::zeros_like(key), gv = at::zeros_like(value);
+  auto [order, offsets] = group_all(assignment.const_data_ptr<int64_t>(), sh);
+  AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_attention_backward", [&] {
+    const int64_t scratch_size = backward_scratch<scalar_t>(sh.k, sh.e, sh.m);
+    // One (n, h) per task: its clusters write to shared key rows, in cluster order.
+    at::parallel_for(0, sh.n * sh.h, 1, [&](int64_t begin, int64_t end) {
+      std::vector<scalar_t> scratch(scratch_size, scalar_t(0));
+      for (int64_t r = begin; r < end; ++r) {
+        const int64_t* off = offsets.data() + r * (sh.clusters + 1);
+        for (int64_t j = 0; j < sh.clusters; ++j) {
+          if (off[j + 1] == off[j]) continue;
+          backward_cluster<scalar_t>(
+              grad.const_data_ptr<scalar_t>() + r * sh.length * sh.m, q.const_data_ptr<scalar_t>() + r * sh.length * sh.e,
+              key.const_data_ptr<scalar_t>() + r * sh.s * sh.e, value.const_data_ptr<scalar_t>() + r * sh.s * sh.m,
+              weights.const_data_ptr<scalar_t>() + r * sh.length * sh.k, order.data() + r * sh.length + off[j],
+              off[j + 1] - off[j], top.const_data_ptr<int64_t>() + (r * sh.clusters + j) * sh.k, sh.k, sh.e, sh.m,
+              static_cast<scalar_t>(scale), gq.mutable_data_ptr<scalar_t>() + r * sh.length * sh.e,
+              gk.mutable_data_ptr<scalar_t>() + r * sh.s * sh.e, gv.mutable_data_ptr<scalar_t>() + r * sh.s * sh.m,
+              scratch.data());
+        }
+      }
+    });
+  });
+  return {gq, gk, gv};
+}
+
+TORCH_LIBRARY_IMPL(fairseq_clustered, CPU, m) {
+  m.impl("topk_attention", &topk_attention_cpu);
+  m.impl("topk_attention_backward", &topk_attention_backward_cpu);
+}
+
+}  // namespace fca

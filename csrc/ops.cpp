@@ -1,0 +1,39 @@
+// Schemas of the fairseq_clustered operators, and the Python module that loading them needs.
+//
+// Implementations: cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and cuda/bindings.cpp (CUDA, built only
+// where torch has CUDA). Autograd, fake (meta) kernels and the Python API live in
+// fairseq_plugin/ops/compiled.py; the PyTorch reference of every operator is in
+// fairseq_plugin/ops/ (the oracle of the tests and the fallback when this extension is missing).
+#include <Python.h>
+#include <torch/library.h>
+
+TORCH_LIBRARY(fairseq_clustered, m) {
+  // codes (...) int64: bit b = [x . planes[b, :E] > planes[b, E]]; planes (B, E + 1), B <= 63.
+  m.def("lsh_hash(Tensor x, Tensor planes) -> Tensor");
+  // Lloyd's k-means in Hamming space; C = init.size(2), iterations = reseed.size(0).
+  // -> (assignment (N, H, L) int64, -1 for padded queries; counts (N, H, C) int64)
+  m.def(
+      "hamming_kmeans(Tensor codes, Tensor init, Tensor reseed, Tensor? padding_mask, int hash_bits)"
+      " -> (Tensor, Tensor)");
+  // (N, H, L, D) -> (N, H, C, D): per-cluster sums; and its adjoint (N, H, C, D) -> (N, H, L, D).
+  m.def("cluster_sum(Tensor x, Tensor assignment, int clusters) -> Tensor");
+  m.def("cluster_broadcast(Tensor y, Tensor assignment) -> Tensor");
+  // softmax over keys of scaled centroid scores (N, H, C, S) with padded keys at 0, and the
+  // min(topk, S) best keys per row, best first -> (attn float32/float64, top int64 (N, H, C, k))
+  m.def("softmax_topk(Tensor scores, Tensor? key_padding_mask, int topk) -> (Tensor, Tensor)");
+  // per query, exact attention over its cluster's top-k keys -> (out (N, H, L, M), weights (N, H, L, k))
+  m.def(
+      "topk_attention(Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top, Tensor? key_padding_mask,"
+      " float scale) -> (Tensor, Tensor)");
+  m.def(
+      "topk_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top,"
+      " Tensor weights, float scale) -> (Tensor, Tensor, Tensor)");
+}
+
+// `import fairseq_plugin._C` loads this library, which registers the operators above.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "fairseq_clustered operators", -1, nullptr};
+  return PyModule_Create(&module);
+}
+}

@@ -1,0 +1,193 @@
+"""The compiled operators of csrc/ (``fairseq_plugin._C``): loading, fake kernels and autograd.
+
+The extension registers its operators under ``torch.ops.fairseq_clustered`` (schemas in
+csrc/ops.cpp, CPU kernels in csrc/cpu/, CUDA kernels in csrc/cuda/). This module loads it on
+first use, registers a fake kernel for every operator (so ``torch.compile`` can trace them) and
+the autograd formulas of the differentiable ones, and tells the attention functions whether a
+tensor can take the compiled path:
+
+* CPU: float32 and float64 (float16 / bfloat16 inputs run the reference: it does not pay there);
+* CUDA: float16, bfloat16, float32 and float64, when the extension was built with CUDA.
+
+If the extension is missing or fails to load, every op runs its PyTorch reference and a warning
+says so once, with the load error and how to rebuild. ``FAIRSEQ_PLUGIN_COMPILED=0`` or
+:func:`use_compiled` (``with use_compiled(False): ...``) selects the reference deliberately (the
+tests and the benchmark compare the two this way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import os
+import warnings
+from typing import Iterator, Optional
+
+import torch
+from torch import Tensor
+
+OPS = "fairseq_clustered"
+REBUILD = "rebuild with: pip install --no-build-isolation -e . (from the repository root; or bash scripts/setup.sh)"
+
+_loaded: Optional[bool] = None
+_load_error: Optional[str] = None
+_enabled = os.environ.get("FAIRSEQ_PLUGIN_COMPILED", "1") != "0"
+_warned: set = set()
+_CPU_DTYPES = (torch.float32, torch.float64)
+_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def load() -> bool:
+    """Load the extension once; True when its operators are registered."""
+    global _loaded, _load_error
+    if _loaded is None:
+        try:
+            importlib.import_module("fairseq_plugin._C")
+            _register_python_parts()
+            _loaded = True
+        except Exception as err:  # ImportError, OSError (undefined symbol, wrong torch ABI), ...
+            _loaded, _load_error = False, f"{type(err).__name__}: {err}"
+    return _loaded
+
+
+def load_error() -> Optional[str]:
+    """Why the extension did not load (None when it did, or before the first attempt)."""
+    load()
+    return _load_error
+
+
+def has_cuda() -> bool:
+    """True when the loaded extension has CUDA kernels."""
+    return load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"{OPS}::topk_attention", "CUDA")
+
+
+def enabled() -> bool:
+    return _enabled
+
+
+@contextlib.contextmanager
+def use_compiled(flag: bool) -> Iterator[None]:
+    """Within the block, take (True) or skip (False) the compiled path."""
+    global _enabled
+    before, _enabled = _enabled, bool(flag)
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def usable(t: Tensor) -> bool:
+    """Whether a call on tensors like ``t`` (device, dtype) takes the compiled path."""
+    if not _enabled:
+        return False
+    if not load():
+        _warn_once(
+            "load",
+            f"fairseq_plugin: the compiled clustered-attention ops are unavailable ({_load_error}); "
+            f"every op runs its PyTorch reference, which is correct but slower; {REBUILD}",
+        )
+        return False
+    if t.device.type == "cpu":
+        return t.dtype in _CPU_DTYPES or not t.is_floating_point()
+    if t.device.type == "cuda":
+        if not has_cuda():
+            _warn_once(
+                "cuda",
+                "fairseq_plugin: the compiled ops were built without CUDA (torch had no CUDA or nvcc was not "
+                f"found at build time); CUDA tensors run the PyTorch reference; {REBUILD} on a machine with nvcc",
+            )
+            return False
+        return t.dtype in _CUDA_DTYPES or not t.is_floating_point()
+    return False
+
+
+def _weights_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _register_python_parts() -> None:
+    """Fake kernels and autograd for the operators the extension just registered."""
+    ops = getattr(torch.ops, OPS)
+    lib = f"{OPS}::"
+
+    @torch.library.register_fake(lib + "lsh_hash")
+    def _(x, planes):
+        return x.new_empty(x.shape[:-1], dtype=torch.int64)
+
+    @torch.library.register_fake(lib + "hamming_kmeans")
+    def _(codes, init, reseed, padding_mask, hash_bits):
+        return codes.new_empty(codes.shape), codes.new_empty(init.shape)
+
+    @torch.library.register_fake(lib + "cluster_sum")
+    def _(x, assignment, clusters):
+        n, h, _, d = x.shape
+        return x.new_empty(n, h, clusters, d)
+
+    @torch.library.register_fake(lib + "cluster_broadcast")
+    def _(y, assignment):
+        n, h, _, d = y.shape
+        return y.new_empty(n, h, assignment.shape[2], d)
+
+    @torch.library.register_fake(lib + "softmax_topk")
+    def _(scores, key_padding_mask, topk):
+        n, h, c, s = scores.shape
+        attn = scores.new_empty(scores.shape, dtype=_weights_dtype(scores.dtype))
+        return attn, scores.new_empty(n, h, c, min(topk, s), dtype=torch.int64)
+
+    @torch.library.register_fake(lib + "topk_attention")
+    def _(q, k, v, assignment, top, key_padding_mask, scale):
+        n, h, length, _ = q.shape
+        out = q.new_empty(n, h, length, v.shape[3])
+        return out, q.new_empty(n, h, length, top.shape[3], dtype=_weights_dtype(q.dtype))
+
+    @torch.library.register_fake(lib + "topk_attention_backward")
+    def _(grad_out, q, k, v, assignment, top, weights, scale):
+        return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+    # cluster_sum and cluster_broadcast are linear and each other's adjoint.
+    def setup_assignment(ctx, inputs, output):
+        ctx.assignment = inputs[1]
+        ctx.clusters = inputs[0].shape[2]
+
+    def sum_backward(ctx, grad):
+        return ops.cluster_broadcast(grad.contiguous(), ctx.assignment), None, None
+
+    def broadcast_backward(ctx, grad):
+        return ops.cluster_sum(grad.contiguous(), ctx.assignment, ctx.clusters), None
+
+    torch.library.register_autograd(lib + "cluster_sum", sum_backward, setup_context=setup_assignment)
+    torch.library.register_autograd(lib + "cluster_broadcast", broadcast_backward, setup_context=setup_assignment)
+
+    def setup_softmax(ctx, inputs, output):
+        attn, top = output
+        ctx.save_for_backward(attn)
+        ctx.scores_dtype = inputs[0].dtype
+        ctx.mark_non_differentiable(top)
+
+    def softmax_backward(ctx, grad_attn, grad_top):
+        (attn,) = ctx.saved_tensors
+        grad_attn = grad_attn.to(attn.dtype)
+        grad = attn * (grad_attn - (grad_attn * attn).sum(-1, keepdim=True))  # softmax backward
+        return grad.to(ctx.scores_dtype), None, None
+
+    torch.library.register_autograd(lib + "softmax_topk", softmax_backward, setup_context=setup_softmax)
+
+    def setup_topk(ctx, inputs, output):
+        q, k, v, assignment, top, _, scale = inputs
+        _, weights = output
+        ctx.save_for_backward(q, k, v, assignment, top, weights)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(weights)
+
+    def topk_backward(ctx, grad_out, grad_weights):
+        q, k, v, assignment, top, weights = ctx.saved_tensors
+        gq, gk, gv = ops.topk_attention_backward(grad_out.contiguous(), q, k, v, assignment, top, weights, ctx.scale)
+        return gq, gk, gv, None, None, None, None
+
+    torch.library.register_autograd(lib + "topk_attention", topk_backward, setup_context=setup_topk)
