@@ -224,3 +224,36 @@ def test_librispeech_recipe(speech_deps, tmp_path):
     wrong = run(PY, "-m", "experiments.speech.prepare_librispeech", "--root", root, "--out", tmp_path / "x")
     assert wrong.returncode != 0 and wrong.stderr.strip().count("\n") == 0, wrong.stderr
     assert f"no LibriSpeech subset at {root / 'dev-clean'}" in wrong.stderr and "expected" in wrong.stderr
+
+
+def test_kaldi_data_directories(speech_deps, tmp_path):
+    """WSJ/Switchboard arrive as Kaldi data dirs: wav.scp paths and pipes, segments, markup in text."""
+    from experiments.speech.fbank import fbank
+    from experiments.speech.s2t_data import read_manifest
+
+    audio = synthesize("four of clubs and the king of spades", "en-us+f3")
+    wav = tmp_path / "rec1.wav"
+    subprocess.run(["sox", "-q", "-t", "raw", "-r", "16000", "-c", "1", "-b", "16", "-e", "signed-integer", "-",
+                    str(wav)], input=audio.tobytes(), check=True)  # fmt: skip
+    dirs = {}
+    for split in ("train", "valid", "test"):
+        folder = dirs[split] = tmp_path / "kaldi" / split
+        folder.mkdir(parents=True)
+        (folder / "wav.scp").write_text(f"rec1 {wav}\nrec2 sox {wav} -t wav - |\n")
+        (folder / "segments").write_text("u1 rec1 0.0 1.0\nu2 rec2 0.5 2.0\n")
+        (folder / "text").write_text("u1 FOUR OF <NOISE> CLUBS\nu2 [laughter] THE KING\n")
+        (folder / "utt2spk").write_text("u1 spkA\nu2 spkB\n")
+    args = [PY, "-m", "experiments.speech.prepare_kaldi", "--out", tmp_path / "out",
+            *(x for split, folder in dirs.items() for x in (f"--{split}", folder))]  # fmt: skip
+    proc = run(*args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_manifest(tmp_path / "out" / "test.tsv")
+    assert [(r["id"], r["speaker"], r["tgt_text"]) for r in rows] == [
+        ("u1", "spkA", "f o u r | o f | c l u b s"), ("u2", "spkB", "t h e | k i n g")]
+    expected = fbank(torch.from_numpy(audio[8000:32000].astype(np.float32))).numpy()  # 0.5 s .. 2.0 s, via the pipe
+    assert np.abs(np.load(rows[1]["audio"]) - expected).max() < 1e-5
+    assert run(*args).stderr.strip().endswith("up to date; nothing to do")
+    (dirs["valid"] / "text").unlink()
+    wrong = run(*[tmp_path / "other" if a == tmp_path / "out" else a for a in args])
+    assert wrong.returncode != 0 and wrong.stderr.strip().count("\n") == 0
+    assert f"{dirs['valid'] / 'text'} not found" in wrong.stderr
