@@ -3,7 +3,7 @@
 Sentences chain two to four clauses about playing cards, players, piles and scores ("player three
 puts the seven of clubs on the queen of hearts and then the dealer turns over two cards"), 8-20
 words with a vocabulary of about 120 words. A closed vocabulary lets a small CTC model learn
-spelling within minutes; the chains make utterances long (2-7 s, 200-700 frames at 10 ms) so
+spelling within minutes; the chains make utterances long (3-9 s, 300-900 frames at 10 ms) so
 that attention over every frame costs something. The vocabulary covers the card phrases of
 pocketsphinx-testdata's ``cards`` clips ("eight of spades four of clubs"), used in the smoke check.
 
