@@ -48,14 +48,16 @@ def documents(
     target: int,
     count: int,
     seed: int,
+    reuse: bool = True,
 ) -> Inputs:
-    """About ``count`` documents (half of each label when possible) of at most ``target`` tokens.
+    """Up to ``count`` documents (half of each label when possible) of at most ``target`` tokens.
 
     For each label: shuffle its sentences (a ``torch.Generator`` seeded with ``seed``), pack them
     greedily in that order, and start a new document when the next sentence would not fit.
-    When one pass over the sentences gives fewer documents than asked, reshuffle and pack again
-    (documents then share sentences but not their combination); a pass's last, underfilled
-    document is dropped. Sentences longer than ``target - 2`` are skipped.
+    With ``reuse``, when one pass over the sentences gives fewer documents than asked, reshuffle
+    and pack again (documents then share sentences but not their combination); without it, stop
+    after one pass. A pass's last, underfilled document is dropped. Sentences longer than
+    ``target - 2`` are skipped.
     """
     generator = torch.Generator().manual_seed(seed)
     budget = target - 2
@@ -79,8 +81,8 @@ def documents(
                     if made == want:
                         break
                 current.extend(piece)
-            if not packed_any:
-                break  # this label's sentences do not fill one document
+            if not packed_any or not reuse:
+                break  # one pass only, or this label's sentences do not fill one document
     return Inputs(out_ids, out_labels)
 
 

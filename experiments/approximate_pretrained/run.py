@@ -211,10 +211,20 @@ def build_inputs(args, tokenizer, corpus: str):
         if target == 0:
             tiers[target] = tuple(inp.sentences(*made[name], cls, sep) for name in ("train", "test"))
         else:
-            train = inp.documents(*made["train"], cls, sep, target, args.train_docs, seed=1000 + target)
+            train = inp.documents(*made["train"], cls, sep, target, args.train_docs, seed=1000 + target, reuse=False)
             test = inp.documents(*made["test"], cls, sep, target, args.test_docs, seed=2000 + target)
             tiers[target] = (train, test)
     return tiers
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def git_commit() -> str:
@@ -237,8 +247,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--topk", type=int, default=32)
     p.add_argument("--doc-lengths", nargs="*", type=int, default=[128, 256, 512],
                    help="documents of same-label sentences up to these many tokens (<= 512)")
-    p.add_argument("--train-docs", type=int, default=2000, help="training documents per length (at most)")
-    p.add_argument("--test-docs", type=int, default=100, help="test documents per length")
+    p.add_argument("--train-docs", type=int, default=2000, help="training documents per length, at most (one pass over the train sentences)")
+    p.add_argument("--test-docs", type=int, default=100, help="test documents per length (the test sentences are packed again, in new orders, until there are enough)")
     p.add_argument("--sweep-corpus", default="movie", choices=CORPORA)
     p.add_argument("--sweep-length", type=int, default=512, help="document length of the sweep (0 = sentences)")
     p.add_argument("--sweep-clusters", nargs="*", type=int, default=[5, 10, 25, 50, 100])
@@ -291,7 +301,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": settings,
         "command": " ".join([Path(sys.executable).name, "-m", "experiments.approximate_pretrained.run", *(argv or sys.argv[1:])]),
         "wall_time_s": round(wall, 1),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), {platform.python_implementation()} {platform.python_version()}",
         "commit": git_commit(),
         "model": str(folder),
