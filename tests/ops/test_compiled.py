@@ -1,0 +1,438 @@
+"""The compiled operators of csrc/ against the PyTorch reference (CPU; CUDA in test_compiled_cuda.py).
+
+Every operator is compared with its reference on fresh random inputs (sizes that are not
+multiples of 32, L < C, one query, padded queries and keys, topk > S, hash_bits 1 and 63), forward
+and backward, in float32 and float64; gradcheck in float64; opcheck; a fuzz test; bit-for-bit
+reproducibility with a seed and across thread counts; the loud fallback when the extension is
+missing; and torch.compile tracing through the fake kernels.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from fairseq_plugin.ops import clustered_attention, compiled, improved_clustered_attention, lsh_hash
+from fairseq_plugin.ops.clustered import _topk_products_reference
+from fairseq_plugin.ops.hashing import draw_planes, hash_bits_of, pack_bits
+from fairseq_plugin.ops.kmeans import _one_hot, draw_kmeans_seeds, kmeans_from_seeds
+
+from . import gen, make_qkv, padding_mask, rel_err
+
+REPO = Path(__file__).resolve().parents[2]
+OPS = torch.ops.fairseq_clustered
+DTYPES = [torch.float32, torch.float64]
+TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
+
+
+def test_extension_is_built_and_loaded():
+    """A build that silently failed would leave every op on the reference: fail loudly here."""
+    assert compiled.load(), f"fairseq_plugin._C did not load: {compiled.load_error()} ({compiled.REBUILD})"
+    assert compiled.usable(torch.zeros(1))
+    assert not compiled.usable(torch.zeros(1, dtype=torch.bfloat16))  # CPU half precision: the reference
+
+
+# ---------------------------------------------------------------------------------------------
+# One operator at a time
+
+
+@pytest.mark.parametrize("hash_bits", [1, 17, 63])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_lsh_hash_identical_to_reference(hash_bits, dtype):
+    x = torch.randn(2, 3, 45, 19, generator=gen(hash_bits), dtype=dtype)
+    planes = draw_planes(hash_bits, 19, generator=gen(1))
+    codes = OPS.lsh_hash(x, planes)
+    assert torch.equal(codes, pack_bits(hash_bits_of(x, planes)))
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**hash_bits
+    # non-contiguous input (the attention module passes permuted projections)
+    xt = x.transpose(1, 2).contiguous().transpose(1, 2)
+    assert torch.equal(OPS.lsh_hash(xt, planes), codes)
+
+
+def _kmeans_inputs(n, h, length, c, iterations, hash_bits, seed, pad_lengths=None, distinct=None):
+    g = gen(seed)
+    if distinct is None:
+        codes = pack_bits(torch.rand(n, h, length, hash_bits, generator=g) < 0.5)
+    else:  # few distinct codes: clusters empty out and are re-seeded every iteration
+        pool = pack_bits(torch.rand(distinct, hash_bits, generator=g) < 0.5)
+        codes = pool[torch.randint(0, distinct, (n, h, length), generator=g)]
+    pad = torch.zeros(n, length, dtype=torch.bool) if pad_lengths is None else padding_mask(pad_lengths, length)
+    init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, pad, g, codes.device)
+    return codes, init, reseed, (pad if pad_lengths is not None else None)
+
+
+@pytest.mark.parametrize(
+    "n,h,length,c,iterations,hash_bits,pad_lengths,distinct",
+    [
+        (2, 3, 37, 6, 5, 63, None, None),
+        (1, 2, 100, 31, 10, 63, None, None),
+        (2, 2, 45, 8, 4, 1, None, None),  # one bit: at most two distinct codes
+        (2, 3, 53, 7, 6, 20, [53, 11], None),
+        (2, 2, 40, 9, 7, 63, [40, 3], 3),  # fewer real queries than clusters, empty clusters
+        (1, 1, 1, 1, 3, 63, None, None),  # one query
+        (3, 1, 33, 33, 0, 63, None, None),  # C = L, no iteration
+    ],
+)
+def test_hamming_kmeans_identical_to_reference(n, h, length, c, iterations, hash_bits, pad_lengths, distinct):
+    codes, init, reseed, pad = _kmeans_inputs(n, h, length, c, iterations, hash_bits, length + c, pad_lengths, distinct)
+    a, counts = OPS.hamming_kmeans(codes, init, reseed, pad, hash_bits)
+    ra, rcounts = kmeans_from_seeds(codes, hash_bits, init, reseed, pad)
+    assert torch.equal(a, ra)
+    assert torch.equal(counts, rcounts)
+    if pad is not None:
+        assert bool((a[pad[:, None, :].expand_as(a)] == -1).all())
+
+
+def _assignment(n, h, length, c, seed, pad_lengths=None):
+    a = torch.randint(0, c, (n, h, length), generator=gen(seed))
+    if pad_lengths is not None:
+        a = a.masked_fill(padding_mask(pad_lengths, length)[:, None, :], -1)
+    return a
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cluster_sum_and_broadcast_match_reference(dtype):
+    n, h, length, c, d = 2, 3, 41, 7, 13
+    x = torch.randn(n, h, length, d, generator=gen(0), dtype=dtype, requires_grad=True)
+    a = _assignment(n, h, length, c, 1, [length, 30])
+    sums = OPS.cluster_sum(x, a, c)
+    ref = _one_hot(a, c, dtype).transpose(-1, -2) @ x
+    assert rel_err(sums, ref) < TOL[dtype]
+    y = torch.randn(n, h, c, d, generator=gen(2), dtype=dtype, requires_grad=True)
+    out = OPS.cluster_broadcast(y, a)
+    ref_out = torch.where((a >= 0)[..., None], y.gather(2, a.clamp_min(0)[..., None].expand(n, h, length, d)), 0.0)
+    assert torch.equal(out, ref_out)
+    g1 = torch.randn_like(sums)
+    g2 = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(sums, x, g1)
+    (rgx,) = torch.autograd.grad(ref, x, g1)
+    assert rel_err(gx, rgx) < TOL[dtype]
+    (gy,) = torch.autograd.grad(out, y, g2)
+    (rgy,) = torch.autograd.grad(ref_out, y, g2)
+    assert rel_err(gy, rgy) < TOL[dtype]
+
+
+@pytest.mark.parametrize("topk", [1, 5, 40, 41, 100])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_topk_matches_reference(topk, dtype):
+    n, h, c, s = 2, 3, 7, 41
+    scores = torch.randn(n, h, c, s, generator=gen(topk), dtype=dtype) * 3
+    kpm = padding_mask([s, 12], s, left=[False, True])
+    attn, top = OPS.softmax_topk(scores, kpm, topk)
+    ref = torch.softmax(scores.masked_fill(kpm[:, None, None, :], float("-inf")), -1)
+    assert attn.dtype == dtype and rel_err(attn, ref) < TOL[dtype]
+    kk = min(topk, s)
+    assert top.shape == (n, h, c, kk)
+    rank = ref.masked_fill(kpm[:, None, None, :], -1.0)
+    expected = rank.topk(kk, dim=-1).values
+    assert torch.equal(rank.gather(-1, top), expected)  # the same values, best first
+    for row in top.reshape(-1, kk):  # distinct keys
+        assert len(set(row.tolist())) == kk
+    # every real key ranks ahead of every padded key
+    padded_rank = kpm[:, None, None, :].expand(n, h, c, s).gather(-1, top).to(torch.int8)
+    assert bool((padded_rank.diff(dim=-1) >= 0).all())
+
+
+def test_softmax_topk_ties_go_to_lower_index():
+    scores = torch.zeros(1, 1, 2, 9)
+    scores[0, 0, 1, 4] = 1.0
+    _, top = OPS.softmax_topk(scores, None, 4)
+    assert top[0, 0, 0].tolist() == [0, 1, 2, 3]
+    assert top[0, 0, 1].tolist() == [4, 0, 1, 2]
+
+
+def _topk_case(n, h, length, s, e, m, c, topk, dtype, seed, kpm_lengths=None, qpm_lengths=None):
+    q, k, v = make_qkv(n, h, length, s, e, m, seed=seed, dtype=dtype, requires_grad=True)
+    kpm = None if kpm_lengths is None else padding_mask(kpm_lengths, s, left=[False, True])
+    a = _assignment(n, h, length, c, seed + 1, qpm_lengths)
+    attn = torch.softmax(torch.randn(n, h, c, s, generator=gen(seed + 2), dtype=dtype), -1)
+    if kpm is not None:
+        attn = attn.masked_fill(kpm[:, None, None, :], 0.0)
+    kk = min(topk, s)
+    _, top = OPS.softmax_topk(attn.log(), kpm, kk)
+    return q, k, v, kpm, a, attn, top, kk
+
+
+@pytest.mark.parametrize(
+    "n,h,length,s,e,m,c,topk,kpm_lengths,qpm_lengths",
+    [
+        (2, 3, 37, 41, 16, 12, 6, 7, None, None),
+        (2, 2, 50, 33, 24, 40, 9, 33, [33, 5], [50, 20]),  # topk = S with 28 padded keys in row 1
+        (1, 4, 70, 45, 64, 64, 11, 32, [30], None),
+        (1, 1, 1, 3, 5, 7, 1, 8, None, None),  # one query, topk > S
+        (2, 2, 19, 66, 33, 17, 19, 17, [66, 66], [19, 1]),
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_attention_forward_backward_match_reference(n, h, length, s, e, m, c, topk, kpm_lengths, qpm_lengths,
+                                                        dtype):
+    q, k, v, kpm, a, attn, top, kk = _topk_case(n, h, length, s, e, m, c, topk, dtype, n * length, kpm_lengths,
+                                                 qpm_lengths)
+    scale = 0.3
+    out, weights = OPS.topk_attention(q, k, v, a, top, kpm, scale)
+    _, _, ref = _topk_products_reference(q, k, v, attn, a, kk, scale, kpm)
+    ref = ref.masked_fill((a < 0)[..., None], 0.0)  # the reference gives padded queries row 0's
+    assert rel_err(out, ref) < TOL[dtype]
+    assert weights.shape == (n, h, length, kk)
+    real = a >= 0
+    assert torch.allclose(weights.sum(-1)[real], torch.ones((), dtype=dtype))
+    assert bool((weights[~real] == 0).all())
+    if kpm is not None:  # padded keys get weight 0
+        kp = kpm[:, None, None, :].expand(n, h, c, s).gather(-1, top)  # (N, H, C, k)
+        per_query = kp.gather(2, a.clamp_min(0)[..., None].expand(n, h, length, kk))
+        assert bool((weights[per_query & real[..., None]] == 0).all())
+    g = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), g)
+    ref_grads = torch.autograd.grad(ref, (q, k, v), g)
+    for got, want in zip(grads, ref_grads):
+        assert rel_err(got, want) < TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# The attention functions, compiled against reference
+
+
+CASES = [
+    dict(n=2, h=3, length=37, s=37, e=16, m=12, clusters=6, topk=7, kpm=[37, 25], qpm=[37, 25]),
+    dict(n=1, h=2, length=5, s=5, e=8, m=8, clusters=20, topk=3, kpm=None, qpm=None),  # L < C
+    dict(n=1, h=1, length=1, s=9, e=4, m=6, clusters=4, topk=16, kpm=None, qpm=None),  # one query, topk > S
+    dict(n=2, h=2, length=65, s=65, e=32, m=20, clusters=9, topk=65, kpm=[65, 40], qpm=[65, 40]),  # topk = S
+    dict(n=2, h=2, length=30, s=47, e=16, m=16, clusters=5, topk=12, kpm=[47, 8], qpm=[30, 2]),  # cross lengths
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("op", ["clustered", "i_clustered"])
+@pytest.mark.parametrize("hash_bits", [1, 63])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_compiled_matches_reference(case, op, hash_bits, dtype):
+    cfg = CASES[case]
+    q, k, v = make_qkv(cfg["n"], cfg["h"], cfg["length"], cfg["s"], cfg["e"], cfg["m"], seed=case, dtype=dtype)
+    kpm = None if cfg["kpm"] is None else padding_mask(cfg["kpm"], cfg["s"])
+    qpm = None if cfg["qpm"] is None else padding_mask(cfg["qpm"], cfg["length"])
+    fn = clustered_attention if op == "clustered" else improved_clustered_attention
+    extra = {} if op == "clustered" else {"topk": cfg["topk"]}
+    results = []
+    for use in (False, True):
+        qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
+        with compiled.use_compiled(use):
+            out, info = fn(qq, kk, vv, clusters=cfg["clusters"], hash_bits=hash_bits, iterations=4, generator=gen(7),
+                           key_padding_mask=kpm, query_padding_mask=qpm, return_clusters=True, **extra)  # fmt: skip
+        g = torch.randn(out.shape, generator=gen(8), dtype=dtype)
+        results.append((out, info, *torch.autograd.grad(out, (qq, kk, vv), g)))
+    (ref, rinfo, *rgrads), (got, info, *grads) = results
+    assert torch.equal(info.assignment, rinfo.assignment) and torch.equal(info.counts, rinfo.counts)
+    assert rel_err(got, ref) < TOL[dtype]
+    for a, b in zip(grads, rgrads):
+        assert rel_err(a, b) < TOL[dtype]
+    if info.topk_mass is not None:
+        assert rel_err(info.topk_mass, rinfo.topk_mass) < TOL[dtype]
+
+
+# ---------------------------------------------------------------------------------------------
+# gradcheck, opcheck, torch.compile
+
+
+def test_gradcheck_operators_float64():
+    n, h, length, s, e, m, c = 1, 2, 11, 13, 5, 4, 3
+    a = _assignment(n, h, length, c, 3, [9])
+    x = torch.randn(n, h, length, e, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(n, h, c, m, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: OPS.cluster_sum(t, a, c), (x,))
+    assert torch.autograd.gradcheck(lambda t: OPS.cluster_broadcast(t, a), (y,))
+    kpm = padding_mask([10], s)
+    scores = torch.randn(n, h, c, s, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: OPS.softmax_topk(t, kpm, 4)[0], (scores,))
+    q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 6, torch.float64, 5, [10], [9])
+    assert torch.autograd.gradcheck(lambda *t: OPS.topk_attention(*t, a, top, kpm, 0.7)[0], (q, k, v))
+
+
+@pytest.mark.parametrize("op", ["clustered", "i_clustered"])
+def test_gradcheck_attention_compiled_float64(op):
+    """The whole compiled path (through m̂ too): fixed seed, so the clustering is the same each call."""
+    q, k, v = make_qkv(2, 2, 13, 13, 6, 5, seed=4, dtype=torch.float64, requires_grad=True)
+    kpm = padding_mask([13, 9], 13)
+    fn = clustered_attention if op == "clustered" else improved_clustered_attention
+    extra = {} if op == "clustered" else {"topk": 5}
+    assert compiled.usable(q)
+
+    def f(q, k, v):
+        return fn(q, k, v, clusters=4, generator=gen(3), key_padding_mask=kpm, query_padding_mask=kpm, **extra)
+
+    assert torch.autograd.gradcheck(f, (q, k, v))
+
+
+def test_opcheck_every_operator():
+    from torch.library import opcheck
+
+    n, h, length, s, e, m, c = 2, 2, 11, 13, 5, 4, 3
+    x = torch.randn(n, h, length, e)
+    planes = draw_planes(9, e, generator=gen(0))
+    opcheck(OPS.lsh_hash.default, (x, planes))
+    codes = OPS.lsh_hash(x, planes)
+    pad = padding_mask([length, 7], length)
+    init, reseed = draw_kmeans_seeds(n, h, length, c, 3, pad, gen(1), x.device)
+    opcheck(OPS.hamming_kmeans.default, (codes, init, reseed, pad, 9))
+    a = _assignment(n, h, length, c, 2, [length, 7])
+    opcheck(OPS.cluster_sum.default, (x.requires_grad_(), a, c))
+    opcheck(OPS.cluster_broadcast.default, (torch.randn(n, h, c, m, requires_grad=True), a))
+    kpm = padding_mask([s, 6], s)
+    opcheck(OPS.softmax_topk.default, (torch.randn(n, h, c, s, requires_grad=True), kpm, 4))
+    q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 4, torch.float32, 1, [s, 6], [length, 7])
+    opcheck(OPS.topk_attention.default, (q, k, v, a, top, kpm, 0.5))
+    out, w = OPS.topk_attention(q, k, v, a, top, kpm, 0.5)
+    opcheck(OPS.topk_attention_backward.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), a, top,
+                                                  w.detach(), 0.5))  # fmt: skip
+
+
+def test_torch_compile_traces_the_compiled_ops():
+    q, k, v = make_qkv(1, 2, 40, 40, 8, 8, seed=2, requires_grad=True)
+
+    def f(q, k, v):
+        return improved_clustered_attention(q, k, v, clusters=5, topk=6, generator=gen(1)).square().sum()
+
+    eager = torch.autograd.grad(f(q, k, v), (q, k, v))
+    traced = torch.compile(f, backend="aot_eager")
+    got = torch.autograd.grad(traced(q, k, v), (q, k, v))
+    for a, b in zip(got, eager):
+        assert rel_err(a, b) < 1e-5
+
+
+# ---------------------------------------------------------------------------------------------
+# Robustness, reproducibility, fallback
+
+
+def test_fuzz_random_shapes_and_masks():
+    """Random shapes, masks and settings on the compiled path: no crash, finite outputs and gradients."""
+    g = gen(2024)
+    for trial in range(40):
+        n, h = int(torch.randint(1, 3, (1,), generator=g)), int(torch.randint(1, 4, (1,), generator=g))
+        length = int(torch.randint(1, 90, (1,), generator=g))
+        s = length if trial % 2 == 0 else int(torch.randint(1, 90, (1,), generator=g))
+        e, m = (int(x) for x in torch.randint(1, 40, (2,), generator=g))
+        kpm = torch.rand(n, s, generator=g) < float(torch.rand(1, generator=g)) * 0.8
+        kpm[:, int(torch.randint(0, s, (1,), generator=g))] = False  # at least one real key per row
+        qpm = (torch.rand(n, length, generator=g) < 0.3) if s == length else None
+        q, k, v = (torch.randn(n, h, x, y, generator=g, requires_grad=True) for x, y in ((length, e), (s, e), (s, m)))
+        kw = dict(clusters=int(torch.randint(1, 30, (1,), generator=g)), hash_bits=int(torch.randint(1, 64, (1,), generator=g)),
+                  iterations=int(torch.randint(0, 6, (1,), generator=g)), key_padding_mask=kpm, query_padding_mask=qpm,
+                  generator=gen(trial))  # fmt: skip
+        fn = improved_clustered_attention if trial % 3 else clustered_attention
+        extra = {"topk": int(torch.randint(1, 100, (1,), generator=g))} if trial % 3 else {}
+        out = fn(q, k, v, **kw, **extra)
+        assert out.shape == (n, h, length, m) and bool(torch.isfinite(out).all()), f"trial {trial}"
+        grads = torch.autograd.grad(out.sum(), (q, k, v))
+        assert all(bool(torch.isfinite(t).all()) for t in grads), f"trial {trial}"
+        if qpm is not None:
+            assert bool((out[qpm[:, None, :].expand(n, h, length)] == 0).all())
+
+
+@pytest.mark.parametrize("op", ["clustered", "i_clustered"])
+def test_bit_reproducible_with_seed(op):
+    q, k, v = make_qkv(2, 4, 300, 300, 32, 32, seed=11, requires_grad=True)
+    kpm = padding_mask([300, 260], 300)
+    fn = clustered_attention if op == "clustered" else improved_clustered_attention
+    extra = {} if op == "clustered" else {"topk": 20}
+    results = []
+    for _ in range(2):
+        out = fn(q, k, v, clusters=17, generator=gen(5), key_padding_mask=kpm, query_padding_mask=kpm, **extra)
+        results.append((out, *torch.autograd.grad(out.square().sum(), (q, k, v))))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+
+
+def test_kernels_are_independent_of_the_thread_count():
+    """Our kernels split work so that no sum depends on the thread count (the GEMMs around them are
+    MKL's, whose last bits may change with the thread count)."""
+    n, h, length, s, e, m, c = 2, 3, 400, 380, 24, 20, 13
+    q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 16, torch.float32, 9, [s, 200], [length, 350])
+    codes, init, reseed, pad = _kmeans_inputs(n, h, length, c, 6, 63, 3, [length, 350])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            out, w = OPS.topk_attention(q, k, v, a, top, kpm, 0.4)
+            grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+            sums = OPS.cluster_sum(q.detach(), a, c)
+            results.append((out, w, *grads, sums, *OPS.hamming_kmeans(codes, init, reseed, pad, 63),
+                            OPS.softmax_topk(torch.randn(n, h, c, s, generator=gen(0)), kpm, 16)[1]))  # fmt: skip
+    finally:
+        torch.set_num_threads(threads)
+    for x, y in zip(*results):
+        assert torch.equal(x, y)
+
+
+def test_missing_extension_falls_back_loudly_once():
+    """With the extension unloadable, every op runs the reference, and one warning says why and how to fix it."""
+    code = r"""
+import importlib, warnings, torch
+real = importlib.import_module
+def broken(name, *a, **k):
+    if name == "fairseq_plugin._C":
+        raise ImportError("undefined symbol: _ZN3c10 (simulated)")
+    return real(name, *a, **k)
+importlib.import_module = broken
+from fairseq_plugin.ops import improved_clustered_attention, compiled
+q = torch.randn(1, 2, 30, 8)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    a = improved_clustered_attention(q, q, q, clusters=4, topk=5, generator=torch.Generator().manual_seed(0))
+    b = improved_clustered_attention(q, q, q, clusters=4, topk=5, generator=torch.Generator().manual_seed(0))
+messages = [str(w.message) for w in caught if "compiled clustered-attention ops are unavailable" in str(w.message)]
+assert len(messages) == 1, messages
+assert "undefined symbol" in messages[0] and "pip install --no-build-isolation -e ." in messages[0], messages[0]
+assert compiled.load() is False and torch.equal(a, b)
+importlib.import_module = real
+with compiled.use_compiled(False):
+    pass
+print("ok")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
+
+
+def test_fallback_matches_compiled_in_a_fresh_process():
+    """FAIRSEQ_PLUGIN_COMPILED=0 selects the reference deliberately, silently, with the same result."""
+    code = (
+        "import torch, warnings; warnings.simplefilter('error', RuntimeWarning);"
+        "from fairseq_plugin.ops import improved_clustered_attention as f, compiled;"
+        "q = torch.randn(2, 2, 50, 8, generator=torch.Generator().manual_seed(1));"
+        "out = f(q, q, q, clusters=6, topk=7, generator=torch.Generator().manual_seed(2));"
+        "assert not compiled.enabled(); torch.save(out, 'OUT')"
+    )
+    outs = []
+    for flag in ("0", "1"):
+        path = Path(os.environ.get("TMPDIR", "/tmp")) / f"fca_fallback_{os.getpid()}_{flag}.pt"
+        env = dict(os.environ, FAIRSEQ_PLUGIN_COMPILED=flag)
+        script = code.replace("OUT", str(path)) if flag == "0" else code.replace("assert not", "assert").replace("OUT", str(path))
+        done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO, env=env,
+                              timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-2000:]
+        outs.append(torch.load(path, weights_only=True))
+        path.unlink()
+    assert rel_err(outs[0], outs[1]) < 2e-5
+
+
+def test_bad_input_errors_name_the_argument():
+    q = torch.randn(1, 2, 10, 4)
+    a = torch.zeros(1, 2, 10, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="assignment must have shape"):
+        OPS.cluster_sum(q, a[:, :, :5], 3)
+    with pytest.raises(RuntimeError, match="x must be float32 or float64"):
+        OPS.cluster_sum(q.to(torch.int32), a, 3)
+    with pytest.raises(RuntimeError, match="hash_bits .* must be in 1..63"):
+        OPS.lsh_hash(q, torch.randn(64, 5))
+    with pytest.raises(RuntimeError, match="planes must have shape"):
+        OPS.lsh_hash(q, torch.randn(8, 4))
+    with pytest.raises(RuntimeError, match="init holds positions outside"):
+        OPS.hamming_kmeans(torch.zeros(1, 2, 10, dtype=torch.long), torch.full((1, 2, 3), 10), torch.zeros(1, 1, 2, 3, dtype=torch.long), None, 8)
+    with pytest.raises(RuntimeError, match="top holds key indices outside"):
+        OPS.topk_attention(q, q, q, a, torch.full((1, 2, 1, 2), 10), None, 1.0)
+    with pytest.raises(RuntimeError, match="topk must be >= 1"):
+        OPS.softmax_topk(torch.randn(1, 2, 3, 10), None, 0)
