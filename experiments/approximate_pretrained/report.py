@@ -97,6 +97,14 @@ def _series(rows: Sequence[dict], key, where) -> Tuple[List[float], List[float],
     return order, [_stats(xs[x])[0] for x in order], [_stats(xs[x])[1] for x in order]
 
 
+def _log2_axis(ax, ticks: Sequence[float]) -> None:
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(list(ticks), [f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_by_length(path: Path, rows: Sequence[dict], clusters: int, topk: int) -> None:
     import matplotlib
 
@@ -109,21 +117,23 @@ def plot_by_length(path: Path, rows: Sequence[dict], clusters: int, topk: int) -
     full_acc = {(r["corpus"], r["inputs"], r["bucket"]): r["accuracy"] for r in rows if r["attention"] == "softmax"}
     for corpus in corpora:
         for attention, style in (("clustered", "-o"), ("i_clustered", "--s")):
-            where = lambda r: r["corpus"] == corpus and r["attention"] == attention and r["bucket"] != "all"  # noqa: E731
+            where = lambda r: (r["corpus"] == corpus and r["attention"] == attention  # noqa: E731
+                               and not (r["inputs"] == "sentences" and r["bucket"] == "all"))
             x, y, e = _series(rows, (lambda r: r["mean_tokens"], lambda r: max(1 - r["cosine_mean"], 1e-7)), where)
             label = f"{corpus}, {NAMES[attention]}"
             left.errorbar(x, y, yerr=e, fmt=style, color=colors[corpus], label=label, ms=4, capsize=2)
             drop = lambda r: full_acc[(r["corpus"], r["inputs"], r["bucket"])] - r["accuracy"]  # noqa: E731
             x, y, e = _series(rows, (lambda r: r["mean_tokens"], drop), where)
             right.errorbar(x, y, yerr=e, fmt=style, color=colors[corpus], label=label, ms=4, capsize=2)
+    lengths = sorted({r["mean_tokens"] for r in rows})
     for ax in (left, right):
-        ax.set_xscale("log", base=2)
-        ax.axvline(clusters, color="grey", lw=0.8, ls=":")
-        ax.axvline(topk, color="grey", lw=0.8, ls="-.")
-        ax.set_xlabel(f"input length, tokens (mean of bucket); dotted: C = {clusters}, dash-dot: topk = {topk}")
+        _log2_axis(ax, [t for t in (8, 16, 32, 64, 128, 256, 512) if lengths and lengths[0] / 2 <= t <= lengths[-1] * 2])
+        ax.axvline(clusters, color="grey", lw=0.8, ls=":", label=f"C = {clusters}")
+        ax.axvline(topk, color="grey", lw=0.8, ls="-.", label=f"topk = {topk}")
+        ax.set_xlabel("input length in tokens (mean of the bucket / documents)")
         ax.grid(alpha=0.3)
     left.set_yscale("log")
-    left.set_ylabel("1 − cosine(approx, full embedding)")
+    left.set_ylabel("1 − cosine to the full embedding (1e-7 = exact)")
     right.set_ylabel("accuracy of full − accuracy of approx")
     right.axhline(0, color="black", lw=0.8)
     left.legend(fontsize=7)
@@ -158,7 +168,7 @@ def plot_sweep(path: Path, rows: Sequence[dict], clusters: int, topk: int) -> No
         ax.errorbar(x, y, yerr=e, fmt="--s", color="tab:orange", label=f"i-clustered (C = {clusters})", capsize=2)
         ax.set_xlabel("topk k")
         for ax in axes[:, col]:
-            ax.set_xscale("log", base=2)
+            _log2_axis(ax, sorted({float(x) for line in ax.get_lines() for x in line.get_xdata()}))
             ax.set_ylabel(name)
             ax.grid(alpha=0.3)
             if metric is acc:
