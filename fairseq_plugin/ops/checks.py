@@ -58,7 +58,9 @@ def check_masks(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], query_
     n = q.shape[0]
     check_mask(key_padding_mask, "key_padding_mask", n, k.shape[2], q.device)
     check_mask(query_padding_mask, "query_padding_mask", n, q.shape[2], q.device)
-    if key_padding_mask is not None:
+    # On CUDA the all-padded check would synchronise with the host on every call; it is left to
+    # the caller there (fairseq never pads a whole row), and such a row yields NaN.
+    if key_padding_mask is not None and key_padding_mask.device.type == "cpu":
         full = key_padding_mask.all(dim=1)
         if bool(full.any()):
             rows = full.nonzero().flatten().tolist()

@@ -1,0 +1,294 @@
+"""Benchmark: exact attention (SDPA) against clustered and improved-clustered attention.
+
+A grid over sequence lengths and attention implementations, forward and forward+backward. For
+each cell: median wall time over ``--repeats`` timed runs (after a warm-up), peak extra memory,
+and the relative error of the output against exact attention (||out - exact||_F / ||exact||_F) on
+two kinds of inputs: iid Gaussian queries/keys, and structured ones (queries and keys drawn around
+a few hundred shared centres, so that attention is peaked as in trained models). On CUDA it also
+reports the time spent hashing and clustering (clust ms) next to the forward time.
+
+Implementations: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention; the flash backend on
+CUDA), ``ref-clustered`` / ``ref-i-clustered`` (the PyTorch reference of fairseq_plugin.ops),
+``clustered`` / ``i-clustered`` (the compiled kernels of csrc/).
+
+    python experiments/benchmarks/attention.py                      # CPU grid, N=1 H=4 E=64 C=100 B=63 I=10 k=32
+    python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2
+    python experiments/benchmarks/attention.py --device cuda        # + 32k, and H=8 in bfloat16 against SDPA flash
+
+On CPU every cell runs in a fresh subprocess (peak memory = growth of its peak RSS, with glibc's
+mmap threshold pinned so freed tensors leave the RSS); on CUDA in-process with
+torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+IMPLS = ["sdpa", "ref-clustered", "ref-i-clustered", "clustered", "i-clustered"]
+CSV_FIELDS = ["device", "dtype", "threads", "n", "h", "length", "e", "clusters", "hash_bits", "iterations", "topk",
+              "impl", "pass", "median_ms", "min_ms", "repeats", "peak_mem_mb", "err_iid", "err_structured",
+              "clustering_ms", "speedup_vs_sdpa"]  # fmt: skip
+
+
+@dataclass
+class Cell:
+    device: str
+    dtype: str
+    threads: int
+    n: int
+    h: int
+    length: int
+    e: int
+    clusters: int
+    hash_bits: int
+    iterations: int
+    topk: int
+    impl: str
+    passes: str  # "fwd" or "fwd+bwd"
+    repeats: int
+    results: Dict[str, float] = field(default_factory=dict)
+
+
+def make_inputs(cell: Cell, structured: bool, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    shape = (cell.n, cell.h, cell.length, cell.e)
+    if structured:  # queries and keys around 300 shared centres (per head), values iid
+        centres = torch.randn(cell.n, cell.h, 300, cell.e, generator=g)
+        pick_q = torch.randint(0, 300, shape[:3], generator=g)
+        pick_k = torch.randint(0, 300, shape[:3], generator=g)
+        gather = lambda pick: centres.gather(2, pick.unsqueeze(-1).expand(*shape))  # noqa: E731
+        q = gather(pick_q) + 0.3 * torch.randn(shape, generator=g)
+        k = gather(pick_k) + 0.3 * torch.randn(shape, generator=g)
+    else:
+        q, k = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+    v = torch.randn(shape, generator=g)
+    dtype = getattr(torch, cell.dtype)
+    return tuple(t.to(cell.device, dtype) for t in (q, k, v))
+
+
+def attention_fn(cell: Cell) -> Callable:
+    import torch
+    import torch.nn.functional as F
+
+    from fairseq_plugin.ops import clustered_attention, compiled, improved_clustered_attention
+
+    kw = dict(clusters=cell.clusters, hash_bits=cell.hash_bits, iterations=cell.iterations)
+    if cell.impl == "sdpa":
+        if cell.device == "cuda":
+            from torch.nn.attention import SDPBackend, sdpa_kernel
+
+            backend = SDPBackend.FLASH_ATTENTION if cell.dtype in ("float16", "bfloat16") else SDPBackend.EFFICIENT_ATTENTION
+
+            def sdpa(q, k, v):
+                with sdpa_kernel(backend):
+                    return F.scaled_dot_product_attention(q, k, v)
+
+            return sdpa
+        return F.scaled_dot_product_attention
+    use = not cell.impl.startswith("ref-")
+    if use and not compiled.usable(torch.empty(0, device=cell.device, dtype=getattr(torch, cell.dtype))):
+        raise SystemExit(f"the compiled ops cannot run {cell.dtype} on {cell.device}: {compiled.load_error()}")
+    fn = improved_clustered_attention if cell.impl.endswith("i-clustered") else clustered_attention
+    extra = {"topk": cell.topk} if cell.impl.endswith("i-clustered") else {}
+
+    def run(q, k, v):
+        with compiled.use_compiled(use):
+            return fn(q, k, v, **kw, **extra)
+
+    return run
+
+
+def clustering_fn(cell: Cell) -> Optional[Callable]:
+    """Hashing + k-means alone (compiled path), to report their share of the forward time."""
+    if cell.impl not in ("clustered", "i-clustered"):
+        return None
+    from fairseq_plugin.ops.clustered import _cluster_queries
+
+    def run(q, k, v):
+        return _cluster_queries(q, cell.clusters, cell.hash_bits, cell.iterations, True, None, None)
+
+    return run
+
+
+def sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn: Callable, device: str, repeats: int) -> List[float]:
+    fn()  # warm-up (allocations, lazy init, autotuning)
+    sync(device)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure(cell: Cell) -> Dict[str, float]:
+    """Time, memory and error of one cell, in this process."""
+    import torch
+
+    torch.set_num_threads(cell.threads)
+    attend = attention_fn(cell)
+    q, k, v = make_inputs(cell, structured=False)
+    results: Dict[str, float] = {}
+    if cell.passes == "fwd":
+        step = lambda: attend(q, k, v)  # noqa: E731
+        grad_ctx = torch.no_grad
+    else:
+        q, k, v = (t.requires_grad_() for t in (q, k, v))
+        g = torch.randn_like(q)
+
+        def step():
+            out = attend(q, k, v)
+            out.backward(g)
+            q.grad = k.grad = v.grad = None
+
+        grad_ctx = torch.enable_grad
+    # Time and memory first (the error computation below allocates exact attention outputs).
+    if cell.device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+    else:
+        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    with grad_ctx():
+        times = timed(step, cell.device, cell.repeats)
+        if cell.device == "cuda":
+            results["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
+        else:
+            results["peak_mem_mb"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
+        results["median_ms"] = statistics.median(times)
+        results["min_ms"] = min(times)
+    cluster = clustering_fn(cell)
+    if cell.passes == "fwd":
+        with torch.no_grad():
+            if cluster is not None:
+                results["clustering_ms"] = statistics.median(timed(lambda: cluster(q, k, v), cell.device, cell.repeats))
+            for name, structured in (("err_iid", False), ("err_structured", True)):
+                sq, sk, sv = make_inputs(cell, structured)
+                exact = torch.nn.functional.scaled_dot_product_attention(sq.float(), sk.float(), sv.float())
+                out = attend(sq, sk, sv).float()
+                results[name] = float((out - exact).norm() / exact.norm())
+                del exact, out
+    return results
+
+
+def run_cell(cell: Cell, isolate: bool, timeout: float) -> Dict[str, float]:
+    if not isolate:
+        return measure(cell)
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(cell.threads))
+    cmd = [sys.executable, __file__, "--_cell", json.dumps(asdict(cell))]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout:.0f} s"}
+    if done.returncode != 0:
+        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        return {"error": tail}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def fmt(value, digits=1) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16 (CUDA)")
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="sequence lengths (default 1k..16k; CUDA adds 32k)")  # fmt: skip
+    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
+    parser.add_argument("--n", type=int, default=1)
+    parser.add_argument("--heads", type=int, default=None, help="default 4 (CPU), 8 (CUDA)")
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--clusters", type=int, default=100)
+    parser.add_argument("--hash-bits", type=int, default=63)
+    parser.add_argument("--iterations", type=int, default=10, help="k-means iterations")
+    parser.add_argument("--topk", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (after one warm-up)")
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is skipped")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default outputs/benchmarks/attention-<device>.csv)")
+    parser.add_argument("--_cell", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args._cell:  # worker: one cell, JSON on the last line of stdout
+        print(json.dumps(measure(Cell(**json.loads(args._cell)))))
+        return
+
+    import torch
+
+    if args.device == "cuda" and not torch.cuda.is_available():
+        sys.exit("error: --device cuda but torch sees no CUDA device")
+    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+    heads = args.heads or (8 if args.device == "cuda" else 4)
+    lengths = args.lengths or ([1024, 2048, 4096, 8192, 16384] + ([32768] if args.device == "cuda" else []))
+    threads = args.threads or torch.get_num_threads()
+    out = args.out or Path("outputs/benchmarks") / f"attention-{args.device}-{dtype}.csv"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    cpu = platform.processor() or platform.machine()
+    device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {threads} threads"
+    print(f"# {device_name}; torch {torch.__version__}; N={args.n} H={heads} E={args.dim} C={args.clusters} "
+          f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {args.repeats}", flush=True)  # fmt: skip
+
+    rows: List[dict] = []
+    header = f"{'L':>6} {'impl':<16} {'pass':<8} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} {'err struct':>10} {'clust ms':>8}"
+    print(header, flush=True)
+    tmp = out.with_suffix(".csv.partial")
+    with open(tmp, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
+        writer.writeheader()
+        for length in lengths:
+            sdpa_ms: Dict[str, float] = {}
+            for passes in args.passes:
+                for impl in args.impls:
+                    cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
+                                args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats)  # fmt: skip
+                    res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
+                    if "error" in res:
+                        print(f"{length:>6} {impl:<16} {passes:<8} skipped: {res['error']}", flush=True)
+                        continue
+                    if impl == "sdpa":
+                        sdpa_ms[passes] = res["median_ms"]
+                    speedup = sdpa_ms[passes] / res["median_ms"] if passes in sdpa_ms else float("nan")
+                    row = {**{k: v for k, v in asdict(cell).items() if k in CSV_FIELDS}, "pass": passes,
+                           "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
+                           "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
+                           "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup}  # fmt: skip
+                    writer.writerow(row)
+                    handle.flush()
+                    rows.append(row)
+                    print(f"{length:>6} {impl:<16} {passes:<8} {fmt(res['median_ms']):>10} {fmt(speedup, 2):>7} "
+                          f"{fmt(res['peak_mem_mb']):>8} {fmt(res.get('err_iid'), 4):>8} "
+                          f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}", flush=True)  # fmt: skip
+    os.replace(tmp, out)  # a complete CSV or none
+    print(f"# wrote {out} ({len(rows)} rows)")
+
+
+if __name__ == "__main__":
+    main()
