@@ -194,20 +194,21 @@ def improved_clustered_attention(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
     kk = min(topk, k.shape[2])
-    scores = centroids @ k.transpose(-1, -2) * scale  # (N, H, C, S)
     if compiled.usable(q):
         # softmax and the top-k selection in one operator; the exact products over each cluster's
         # top-k keys without gathering them per query.
+        scores = (centroids * scale) @ k.transpose(-1, -2)  # (N, H, C, S); scaled on the smaller side
         attn, top = torch.ops.fairseq_clustered.softmax_topk(scores, key_padding_mask, kk)  # fp32+, (N, H, C, k)
         top_attn = attn.gather(-1, top)  # (N, H, C, k), differentiable
         topk_mass = top_attn.sum(-1)  # (N, H, C): m̂
         # Σ_{t∉T_j} A^c_jt v_t as A^c V minus the top-k part: no masked (C, S) copy of A^c.
         n, h, c, _ = top.shape
-        v_top = v.gather(2, top.reshape(n, h, c * kk, 1).expand(n, h, c * kk, v.shape[3])).view(n, h, c, kk, -1)
+        rows = (top + torch.arange(n * h, device=q.device).view(n, h, 1, 1) * k.shape[2]).flatten()
+        v_top = v.reshape(-1, v.shape[3]).index_select(0, rows).view(n, h, c, kk, -1)  # (N, H, C, k, M)
         rest = attn.to(v.dtype) @ v - (top_attn.to(v.dtype).unsqueeze(-2) @ v_top).squeeze(-2)  # (N, H, C, M)
         top_out, _ = torch.ops.fairseq_clustered.topk_attention(q, k, v, assignment, top, key_padding_mask, scale)
     else:
-        attn = _softmax(scores, key_padding_mask)  # (N, H, C, S), fp32+
+        attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
         topk_mass, rest, top_out = _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask)
 
     mass = _broadcast(topk_mass.unsqueeze(-1), assignment).to(v.dtype)  # (N, H, L, 1)

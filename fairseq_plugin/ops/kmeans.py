@@ -45,11 +45,15 @@ def _one_hot(assignment: Tensor, clusters: int, dtype: torch.dtype) -> Tensor:
 def _random_real_positions(
     real_order: Tensor, real_count: Tensor, shape: Tuple[int, ...], generator: Optional[torch.Generator]
 ) -> Tensor:
-    """Uniformly random real query positions, shape (N, H, C); real_order lists real positions first."""
-    n, h, c = shape
-    u = torch.rand(n, h, c, generator=generator, device=real_order.device, dtype=torch.float64)
-    rank = (u * real_count.view(n, 1, 1)).long().clamp_max(real_count.view(n, 1, 1) - 1)  # (N, H, C)
-    return real_order.view(n, 1, -1).expand(n, h, -1).gather(-1, rank)
+    """Uniformly random real query positions of shape (..., N, H, C); real_order (N, L) lists the
+    real positions first, real_count (N,) counts them."""
+    n = real_order.shape[0]
+    u = torch.rand(shape, generator=generator, device=real_order.device, dtype=torch.float64)
+    count = real_count.view(n, 1, 1)
+    rank = (u * count).long().clamp_max(count - 1)  # (..., N, H, C)
+    lead = shape[:-3]
+    order = real_order.view(*(1,) * len(lead), n, 1, -1).expand(*lead, n, shape[-2], -1)
+    return order.gather(-1, rank)
 
 
 def draw_kmeans_seeds(
@@ -80,8 +84,7 @@ def draw_kmeans_seeds(
     first = keys.topk(clusters, dim=-1, largest=False, sorted=True).indices  # (N, H, C)
     slot = torch.arange(clusters, device=device).view(1, 1, clusters) % real_count.view(n, 1, 1)  # (N, 1, C)
     init = first.gather(-1, slot.expand(n, h, clusters))  # (N, H, C)
-    reseed = [_random_real_positions(real_order, real_count, (n, h, clusters), generator) for _ in range(iterations)]
-    reseed = torch.stack(reseed) if reseed else torch.empty(0, n, h, clusters, dtype=torch.int64, device=device)
+    reseed = _random_real_positions(real_order, real_count, (iterations, n, h, clusters), generator)
     return init, reseed
 
 
