@@ -15,7 +15,9 @@ validation CER/WER) and greedy-decodes, with decode_ctc.py and the run's ``check
 Writes ``<sweep dir>/speech_results.csv``, ``speech_results.md`` and ``speech_results.json`` (the
 table plus the machine, commit and wall times), the hypotheses under ``<run dir>/decode/<split>.txt``,
 and prints the Markdown table. CER counts character edits (the space included), WER word edits, in
-percent. s/update is fairseq's training time (``train_wall``, validation excluded) per update.
+percent. s/update is fairseq's training time (``train_wall``, validation excluded) per update; the
+valid CER at the last validation step all runs reached compares the arms at equal updates (the
+budget compares them at equal time).
 """
 
 from __future__ import annotations
@@ -91,13 +93,23 @@ def _fmt(value, digits=2) -> str:
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
+def common_step(rows: list[dict]) -> int | None:
+    """The last validation step every run reached: where the runs compare at equal updates."""
+    steps = [{step for step, _, _ in r["valid_curve"]} for r in rows]
+    shared = set.intersection(*steps) if steps else set()
+    return max(shared) if shared else None
+
+
 def markdown(rows: list[dict]) -> str:
-    header = ["run", "attention", "updates", "s/update", "valid CER (best)", "test CER", "test WER",
-              "real clips: cards CER / WER", "librivox CER / WER"]  # fmt: skip
+    step = common_step(rows)
+    header = ["run", "attention", "updates", "s/update", f"valid CER @ {step} updates", "valid CER (best)", "test CER",
+              "test WER", "real clips: cards CER / WER", "librivox CER / WER"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for r in rows:
+        at_step = next((cer for s, cer, _ in r["valid_curve"] if s == step), None)
         lines.append("| " + " | ".join([
-            r["run_id"], r["attention"], str(r["updates"]), _fmt(r["s_per_update"]), _fmt(r["valid_cer_best"]),
+            r["run_id"], r["attention"], str(r["updates"]), _fmt(r["s_per_update"]), _fmt(at_step),
+            _fmt(r["valid_cer_best"]),
             _fmt(r["test_cer"]), _fmt(r["test_wer"]), f"{_fmt(r['cards_cer'], 1)} / {_fmt(r['cards_wer'], 1)}",
             f"{_fmt(r['librivox_cer'], 1)} / {_fmt(r['librivox_wer'], 1)}",
         ]) + " |")  # fmt: skip
