@@ -1,4 +1,10 @@
-"""``fairseq-sweep run|status|report|cancel SWEEP.yaml [options] [dotlist overrides]``."""
+"""``fairseq-sweep run|status|report|cancel SWEEP.yaml [options] [dotlist overrides]``.
+
+Exit status: 0 when everything the command waited for finished; 1 when a waited-for run failed or
+was cancelled (one line each, with the log to read) or a cancel could not be confirmed; 2 for a
+bad sweep file, bad arguments or a sweep another launch holds; 130 when a launch was interrupted
+(Ctrl-C, or ``fairseq-sweep cancel``).
+"""
 
 from __future__ import annotations
 
@@ -8,219 +14,158 @@ import os
 import shlex
 import subprocess
 import sys
-import time
+from collections import Counter
 from pathlib import Path
-from typing import Any
 
 from . import report as report_mod
-from .job import REPO, TrainJob, fairseq_train_path
-from .runs import FAILED, FINISHED, LockedError, read_jobs, read_result, record_jobs, run_dir, sweep_lock, tb_dir, write_json
-from .spec import Run, SpecError, Sweep, fairseq_argv, load
+from .cancel import cancel, is_alive, local_controller_alive, slurm_states
+from .job import REPO, fairseq_train_path
+from .launch import (Interrupted, Launch, SubmissionError, _call, describe, interrupt_on_sigterm, job_spec, log,
+                     resource_groups)  # fmt: skip
+from .runs import FAILED, FINISHED, LockedError, read_jobs, read_result, sweep_lock, write_json
+from .spec import SpecError, Sweep, expand, load
 
-ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING",
-         "SUSPENDED", "SIGNALING", "STAGE_OUT"}  # fmt: skip
-
-
-def log(message: str) -> None:
-    print(f"[sweep] {message}", flush=True)
-
-
-def job_spec(sweep: Sweep, run: Run) -> dict[str, Any]:
-    rdir, tdir = run_dir(sweep, run), tb_dir(sweep, run)
-    res = sweep.resources
-    return {
-        "run_id": run.run_id, "arm": run.arm, "seed": run.seed, "attention": run.attention, "args": run.args,
-        "run_dir": str(rdir), "fairseq_train": fairseq_train_path(),
-        "argv": fairseq_argv(sweep, run, rdir, tdir, REPO / "fairseq_plugin"),
-        "gpus": res["gpus_per_node"] * res["nodes"], "threads": res["cpus_per_task"],
-        "metric": {"metric": sweep.metric["name"], "split": sweep.metric["split"],
-                   "lower_is_better": sweep.metric["lower_is_better"]},
-    }  # fmt: skip
-
-
-def make_executor(sweep: Sweep, cluster: str):
-    import submitit
-
-    res = sweep.resources
-    folder = sweep.dir / "submitit" / "%j"
-    tasks = res["gpus_per_node"] or res["tasks_per_node"]  # one task per GPU
-    if cluster == "local":  # LocalExecutor directly: AutoExecutor does not pass signal_delay_s
-        executor = submitit.LocalExecutor(folder=folder)
-        params: dict[str, Any] = {"timeout_min": res["time_min"], "tasks_per_node": tasks,
-                                  "signal_delay_s": res["signal_delay_s"]}  # fmt: skip
-        if res["gpus_per_node"]:
-            params["gpus_per_node"] = res["gpus_per_node"]
-        executor.update_parameters(**params)
-        return executor
-    executor = submitit.AutoExecutor(folder=folder, cluster=cluster)
-    params = {"timeout_min": res["time_min"], "nodes": res["nodes"], "tasks_per_node": tasks,
-              "cpus_per_task": res["cpus_per_task"], "name": f"sweep-{sweep.name}"}  # fmt: skip
-    if res["gpus_per_node"]:
-        params["gpus_per_node"] = res["gpus_per_node"]
-    if cluster == "slurm":
-        params["mem_gb"] = res["mem_gb"]
-        params["slurm_signal_delay_s"] = res["signal_delay_s"]
-        for key in ("partition", "account", "qos", "constraint"):
-            if res[key]:
-                params[f"slurm_{key}"] = res[key]
-    executor.update_parameters(**params)
-    return executor
-
-
-def submit(executor, jobs: list[TrainJob], cluster: str, parallel: int, on_submit) -> list:
-    """SLURM: one job array. local/debug: at most ``parallel`` jobs at a time (2 cores are not 8)."""
-    if cluster == "slurm":
-        submitted = executor.map_array(_call, jobs)
-        on_submit(list(range(len(jobs))), submitted)
-        return submitted
-    submitted: list = [None] * len(jobs)
-    queue = list(range(len(jobs)))
-    while queue or any(j is not None and not j.done() for j in submitted):
-        running = sum(1 for j in submitted if j is not None and not j.done())
-        while queue and running < parallel:
-            index = queue.pop(0)
-            submitted[index] = executor.submit(_call, jobs[index])
-            on_submit([index], [submitted[index]])
-            running += 1
-        time.sleep(0.5)
-    return submitted
+__all__ = ["main", "_call"]  # _call: jobs pickled by earlier versions name slurm.cli._call
 
 
 def prepare_data(sweep: Sweep) -> None:
+    """Run ``data.prepare`` when ``data.path/dict.txt`` is missing, showing its output as it goes."""
     if sweep.data_path is None or (sweep.data_path / "dict.txt").is_file():
         return
     command = sweep.data_prepare.replace("{python}", shlex.quote(sys.executable))
-    log(f"preparing data: {command}")
-    proc = subprocess.run(command, shell=True, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode != 0 or not (sweep.data_path / "dict.txt").is_file():
-        tail = (proc.stdout + proc.stderr).strip().splitlines()[-5:]
-        raise SpecError(f"key 'data.prepare': {command!r} exited {proc.returncode} without writing "
+    log(f"preparing data (data.prepare): {command}")
+    proc = subprocess.Popen(command, shell=True, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    tail: list[str] = []
+    for line in proc.stdout:
+        print(f"  | {line.rstrip()}", flush=True)
+        tail = (tail + [line.strip()])[-5:]
+    code = proc.wait()
+    if code != 0 or not (sweep.data_path / "dict.txt").is_file():
+        raise SpecError(f"key 'data.prepare': {command!r} exited {code} without writing "
                         f"{sweep.data_path / 'dict.txt'}: {' | '.join(tail)}")  # fmt: skip
 
 
-def job_state(sweep: Sweep, entry: dict) -> str | None:
-    """SLURM's view of a recorded job (via submitit/sacct), or None when unknown / not SLURM."""
-    if not entry or entry.get("cluster") != "slurm":
-        return None
-    from submitit.slurm.slurm import SlurmJob
-
+def live_states(sweep: Sweep) -> dict[str, str]:
+    """run id -> the scheduler's view of its latest job, for SLURM jobs (one sacct call) and local ones."""
+    jobs = read_jobs(sweep)
+    slurm = {run_id: str(e["job_id"]) for run_id, e in jobs.items() if e.get("cluster") == "slurm"}
     try:
-        return SlurmJob(folder=sweep.dir / "submitit" / "%j", job_id=str(entry["job_id"])).state
-    except Exception:  # noqa: BLE001  (sacct unavailable: unknown)
-        return None
+        states = slurm_states(sweep, list(slurm.values()))
+    except Exception:  # noqa: BLE001  (no sacct here: unknown)
+        states = {}
+    out = {run_id: states[job_id] for run_id, job_id in slurm.items() if states.get(job_id)}
+    for run_id, entry in jobs.items():
+        if entry.get("cluster") == "local":
+            out[run_id] = "RUNNING" if local_controller_alive(sweep, str(entry["job_id"])) else "GONE"
+    return out
 
 
 def cmd_run(sweep: Sweep, args: argparse.Namespace) -> int:
     runs = sweep.runs()
-    with sweep_lock(sweep):
-        prepare_data(sweep)
-        write_json(sweep.dir / "sweep.json", {"source": str(sweep.source), "config": sweep.config})
-        jobs = read_jobs(sweep)
+    with sweep_lock(sweep, args.cluster):
+        live = live_states(sweep)
         todo, skipped, alive = [], [], []
         for run in runs:
-            result = read_result(sweep, run) or {}
-            if result.get("state") == FINISHED:
+            if (read_result(sweep, run) or {}).get("state") == FINISHED:
                 skipped.append(run)
-                continue
-            state = job_state(sweep, jobs.get(run.run_id, {}))
-            if state is not None and state.split()[0] in ALIVE:
+            elif is_alive(live.get(run.run_id)):  # a queued/running SLURM job, or a local one left by a dead launch
                 alive.append(run)
-                continue
-            todo.append(run)
+            else:
+                todo.append(run)
+        configs = len({r.arm for r in expand(sweep)})
+        sampled = len({r.arm for r in runs})
+        if sampled < configs:
+            log(f"trials: {sampled} of {configs} configurations drawn with seed {sweep.trials['seed']} "
+                f"(trials.num={sweep.trials['num']}): {', '.join(dict.fromkeys(r.arm for r in runs))}")  # fmt: skip
+        verb = "launch (dry run: nothing is launched)" if args.dry_run else "launch"
         log(f"{sweep.name}: {len(runs)} runs, {len(skipped)} finished (skipped), {len(alive)} queued or running "
-            f"(left alone), {len(todo)} to {'launch' if not args.dry_run else 'launch (dry run)'}")  # fmt: skip
+            f"(left alone), {len(todo)} to {verb}")  # fmt: skip
         if args.dry_run:
-            for run in todo:
-                print(run.run_id, " ".join(shlex.quote(a) for a in [fairseq_train_path(), *job_spec(sweep, run)["argv"]]))
+            if sweep.data_path is not None and not (sweep.data_path / "dict.txt").is_file():
+                log(f"data.prepare would run first: {sweep.data_prepare}")
+            for resources, group in resource_groups(todo):
+                how = "one job array" if args.cluster == "slurm" else "jobs"
+                print(f"# {len(group)} run(s) as {how}: {describe(resources)}")
+                for run in group:
+                    print(run.run_id, shlex.join([fairseq_train_path(), *job_spec(sweep, run)["argv"]]))
             return 0
-        submitted = []
-        if todo:
-            executor = make_executor(sweep, args.cluster)
-            for run in todo:  # a resumed run keeps its checkpoints; a failed one starts over its attempt
-                tb_dir(sweep, run).mkdir(parents=True, exist_ok=True)
-            jobs_ = [TrainJob(job_spec(sweep, run)) for run in todo]
-
-            def on_submit(indices, handles):
-                record_jobs(sweep, {todo[i].run_id: {"cluster": args.cluster, "job_id": h.job_id, "submitted": time.time()}
-                                    for i, h in zip(indices, handles)})  # fmt: skip
-                for i, h in zip(indices, handles):
-                    log(f"submitted {todo[i].run_id} as job {h.job_id} ({args.cluster})")
-
-            parallel = sweep.resources["parallel"] or max(1, (os.cpu_count() or 1) // sweep.resources["cpus_per_task"])
-            submitted = submit(executor, jobs_, args.cluster, parallel, on_submit)
+        prepare_data(sweep)
+        write_json(sweep.dir / "sweep.json", {"source": str(sweep.source), "config": sweep.config})
+        outcomes, interrupted = [], False
         wait = args.wait or args.cluster != "slurm"
-        if wait and submitted:
-            failures = 0
-            for run, job in zip(todo, submitted):
-                try:
-                    job.results()
-                    log(f"finished {run.run_id}")
-                except Exception as err:  # noqa: BLE001  (one failed arm must not stop the others)
-                    failures += 1
-                    first = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-                    log(f"FAILED {run.run_id}: {first[:300]}")
-    if wait or not todo:
+        if todo:
+            cpus = max(r.resources["cpus_per_task"] for r in todo)
+            parallel = sweep.resources["parallel"] or max(1, (os.cpu_count() or 1) // cpus)
+            launch = Launch(sweep, todo, args.cluster, parallel, progress_s=args.progress_every)
+            with interrupt_on_sigterm():  # fairseq-sweep cancel stops a local/debug launch with SIGTERM
+                outcomes = launch.go(wait)
+            interrupted = launch.interrupted
+    if (wait and not interrupted) or not todo:
         print()
         report_mod.report(sweep, quiet=False)
-    return 0
-
-
-def _call(job: TrainJob):  # map_array needs a function of one argument; this is importable
-    return job()
+    failed = [o for o in outcomes if o.state not in (FINISHED, "submitted")]
+    if failed:
+        print(f"\n{len(failed)} of {len(outcomes)} launched run(s) did not finish:")
+        for outcome in failed:
+            print(f"  {outcome.line()}")
+    if interrupted:
+        print(f"interrupted; `fairseq-sweep run {sweep.source}` resumes the cancelled runs from their checkpoints")
+        return 130
+    if todo and not wait:
+        log(f"submitted, not waiting (--wait waits and reports): `fairseq-sweep status {sweep.source}` follows "
+            f"the jobs, `fairseq-sweep cancel {sweep.source}` stops them")
+    return 1 if failed else 0
 
 
 def cmd_status(sweep: Sweep, args: argparse.Namespace) -> int:
     jobs = read_jobs(sweep)
-    rows = []
+    live = live_states(sweep)
+    rows, counts = [], Counter()
     for run in sweep.runs():
         result = read_result(sweep, run) or {}
         entry = jobs.get(run.run_id, {})
-        state = result.get("state", "not started")
-        live = job_state(sweep, entry)
-        if live and state not in (FINISHED, FAILED):
-            state = f"{state} (slurm: {live.split()[0]})"
-        best = result.get("best_metric")
+        state = result.get("state") or ("queued" if is_alive(live.get(run.run_id)) else "not started")
+        counts[state] += 1
+        now = live.get(run.run_id)
+        if now and state not in (FINISHED, FAILED, "cancelled"):
+            state = f"{state} ({entry.get('cluster')}: {now.split()[0]})"
+        best, wall = result.get("best_metric"), result.get("wall_time_s")
         rows.append([run.run_id, state, str(result.get("updates", "")), "" if best is None else f"{best:.4f}",
-                     str(entry.get("job_id", ""))])  # fmt: skip
-    print(report_mod.text_table(["run", "state", "updates", f"best {sweep.metric['split']}_{sweep.metric['name']}", "job"], rows))
+                     "" if wall is None else f"{wall:.0f}", str(entry.get("job_id", ""))])  # fmt: skip
+    header = ["run", "state", "updates", f"best {sweep.metric['split']}_{sweep.metric['name']}", "wall (s)", "job"]
+    print(report_mod.text_table(header, rows))
+    print(f"\n{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
     return 0
 
 
 def cmd_cancel(sweep: Sweep, args: argparse.Namespace) -> int:
-    import signal
+    return cancel(sweep, sweep.runs())
 
-    jobs = read_jobs(sweep)
-    cancelled = 0
-    for run in sweep.runs():
-        entry = jobs.get(run.run_id)
-        result = read_result(sweep, run) or {}
-        if not entry or result.get("state") in (FINISHED, FAILED):
-            continue
-        job_id = str(entry["job_id"])
-        if entry["cluster"] == "slurm":
-            subprocess.run(["scancel", job_id], check=False)
-        elif entry["cluster"] == "local":
-            try:
-                os.kill(int(job_id), signal.SIGINT)
-            except (ProcessLookupError, ValueError):
-                continue
-        cancelled += 1
-        log(f"cancelled {run.run_id} (job {job_id})")
-    log(f"{cancelled} job(s) cancelled")
+
+def cmd_report(sweep: Sweep, args: argparse.Namespace) -> int:
+    report_mod.report(sweep, quiet=False)
     return 0
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fairseq-sweep", description="Run, watch and report fairseq sweeps.")
+    parser = argparse.ArgumentParser(prog="fairseq-sweep", description="Run, watch, report and cancel fairseq sweeps.",
+                                     epilog="exit status: 0 ok, 1 a run failed or was cancelled, 2 bad input, "
+                                            "130 interrupted")  # fmt: skip
     parser.add_argument("command", choices=("run", "status", "report", "cancel"))
     parser.add_argument("sweep", type=Path, help="sweep file (YAML), e.g. experiments/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. model.clusters=200")
-    parser.add_argument("--cluster", choices=("local", "slurm", "debug"), default="local")
+    parser.add_argument("--cluster", choices=("local", "slurm", "debug"), default="local",
+                        help="local: subprocesses (default); slurm: job arrays; debug: in this process, one by one")
     parser.add_argument("--partition", help="SLURM partition (overrides resources.partition)")
     parser.add_argument("--gpus-per-node", type=int, help="overrides resources.gpus_per_node (one task per GPU)")
     parser.add_argument("--nodes", type=int, help="overrides resources.nodes")
+    parser.add_argument("--num-trials", type=int, metavar="N",
+                        help="random N configurations of the sweep, each with all its seeds; -1 = all (trials.num)")
+    parser.add_argument("--trials-seed", type=int, metavar="S", help="seed of that draw (trials.seed, default 0)")
     parser.add_argument("--wait", action="store_true", help="with --cluster slurm: wait for the jobs and report")
     parser.add_argument("--dry-run", action="store_true", help="print what would be launched, launch nothing")
+    parser.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
+                        help="while waiting, a progress line this often (default 60)")
     return parser.parse_args(argv)
 
 
@@ -230,17 +175,20 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     overrides = list(args.overrides)
     for flag, key in (("partition", "resources.partition"), ("gpus_per_node", "resources.gpus_per_node"),
-                      ("nodes", "resources.nodes")):  # fmt: skip
+                      ("nodes", "resources.nodes"), ("num_trials", "trials.num"),
+                      ("trials_seed", "trials.seed")):  # fmt: skip
         if getattr(args, flag) is not None:
             overrides.append(f"{key}={getattr(args, flag)}")
+    handler = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel, "report": cmd_report}[args.command]
     try:
         sweep = load(args.sweep, overrides, check_arch=args.command == "run", check_data=args.command == "run")
-        handler = {"run": cmd_run, "status": cmd_status, "cancel": cmd_cancel,
-                   "report": lambda s, a: bool(report_mod.report(s, quiet=False)) and 0}[args.command]  # fmt: skip
         return int(handler(sweep, args) or 0)
-    except (SpecError, LockedError) as err:
+    except (SpecError, LockedError, SubmissionError) as err:
         print(f"fairseq-sweep: error: {err}", file=sys.stderr)
         return 2
+    except (Interrupted, KeyboardInterrupt):
+        print("fairseq-sweep: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -5,6 +5,11 @@ calls :meth:`TrainJob.checkpoint` (rank 0), which stops fairseq and requeues the
 next attempt runs the same command, and fairseq resumes from ``checkpoint_last.pt`` in the run's
 deterministic save dir (``--max-update`` and ``--stop-time-hours`` count across restarts, so the
 run ends where an uninterrupted one would). Rank 0 owns ``result.json``.
+
+fairseq writes ``checkpoint_<epoch>_<updates>.pt`` atomically but *copies* it to
+``checkpoint_last.pt``; a job killed during that copy (scancel, an OOM kill) leaves a truncated
+file that the next attempt could not load. Before each attempt rank 0 checks it and, if it is
+broken, restores it from the newest intact checkpoint (:func:`repair_last_checkpoint`).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 import zlib
 from importlib import metadata
 from pathlib import Path
@@ -110,18 +116,24 @@ class TrainJob(Checkpointable):
         previous = read_json(result_path) or {}
         attempt = int(previous.get("attempts", 0)) + 1
         if rank == 0:
+            note = repair_last_checkpoint(run_dir / "checkpoints")
             update_result(
                 result_path, state=RUNNING, run_id=spec["run_id"], arm=spec["arm"], seed=spec["seed"],
                 attention=spec["attention"], args=spec["args"], attempts=attempt, job_id=env.job_id,
                 restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), world_size=world,
-                gpus=spec["gpus"], command=command, git_commit=_git_commit(), versions=_versions(),
-                hostname=platform.node(), error=None,
+                gpus=spec["gpus"], resources=spec.get("resources"), command=command, git_commit=_git_commit(),
+                versions=_versions(), hostname=platform.node(), attempt_started_at=start, error=None,
+                exit_code=None, cancelled_at=None,
             )  # fmt: skip
+        else:
+            note = None
         child_env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)),
                      "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
         with log_path.open("a") as sink:
             sink.write(f"\n===== attempt {attempt} | job {env.job_id} | rank {rank}/{world} | {time.ctime()} =====\n")
             sink.write(" ".join(command) + "\n")
+            if note:
+                sink.write(note + "\n")
             sink.flush()
             proc = subprocess.Popen(command, stdout=sink, stderr=subprocess.STDOUT, env=child_env, cwd=run_dir,
                                     start_new_session=True)  # fmt: skip
@@ -187,6 +199,33 @@ def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
         except ProcessLookupError:
             pass
         proc.wait()
+
+
+def _intact(path: Path) -> bool:
+    """torch.save writes a zip archive; a truncated copy has no central directory."""
+    try:
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def repair_last_checkpoint(folder: Path) -> str | None:
+    """Restore a truncated ``checkpoint_last.pt`` from the newest intact checkpoint; say what was done."""
+    last = folder / "checkpoint_last.pt"
+    if not last.is_file() or _intact(last):
+        return None
+    broken = last.with_name("checkpoint_last.pt.broken")
+    os.replace(last, broken)
+    # The newest interval/epoch checkpoint (what checkpoint_last.pt was a copy of); a best one only
+    # if there is nothing else, as it may be older.
+    candidates = sorted((p for p in folder.glob("checkpoint*.pt") if p.name != "checkpoint_last.pt" and _intact(p)),
+                        key=lambda p: ("best" not in p.name, p.stat().st_mtime))  # fmt: skip
+    if not candidates:
+        return f"checkpoint_last.pt was truncated (kept as {broken.name}) and no intact checkpoint exists: starting over"
+    tmp = folder / "checkpoint_last.pt.tmp"
+    tmp.write_bytes(candidates[-1].read_bytes())
+    os.replace(tmp, last)
+    return f"checkpoint_last.pt was truncated (kept as {broken.name}); restored from {candidates[-1].name}"
 
 
 def fairseq_train_path() -> str:

@@ -11,11 +11,15 @@ overrides such as ``model.clusters=200`` are merged before validation). Every pr
     fairseq: {criterion: masked_lm, lr: 1e-3, cpu: true, ...}   # base args: key -> value
     model: {clusters: 16}            # more fairseq args, the usual place for overrides
     grid: {arch: [a, b], clusters: [8, 16]}                    # cartesian product
-    arms: [{name: x, arch: a}, ...]  # explicit configurations (each crossed with the grid)
+    arms: [{name: x, arch: a}, ...]  # explicit configurations (each crossed with the grid); an arm
+                                     # may carry its own `resources: {tasks_per_node: 2}` (merged
+                                     # over the sweep's; such arms go out as their own job array)
     seeds: [1, 2]
     resources: {gpus_per_node: 0, nodes: 1, tasks_per_node: 1, cpus_per_task: 1, mem_gb: 4,
                 time_min: 60, partition: null, account: null, qos: null, constraint: null,
-                signal_delay_s: 30}
+                signal_delay_s: 30, parallel: null}
+    trials: {num: -1, seed: 0}       # fb_sweep's --num-trials: a seeded random subset of the
+                                     # configurations (every seed of each), -1 = all
     budget: {max_update: 200, max_epoch: null, wall_minutes: null, gpu_hours: null}
     metric: {name: loss, split: valid, lower_is_better: true}
 
@@ -26,6 +30,7 @@ fairseq arguments are written with underscores or dashes (``max_tokens`` = ``max
 from __future__ import annotations
 
 import itertools
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +40,8 @@ import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-TOP_KEYS = {"name", "root", "task", "data", "fairseq", "model", "grid", "arms", "seeds", "resources", "budget", "metric"}
+TOP_KEYS = {"name", "root", "task", "data", "fairseq", "model", "grid", "arms", "seeds", "resources", "budget", "metric",
+            "trials"}  # fmt: skip
 REQUIRED = ("name", "task")
 DATA_KEYS = {"path", "prepare"}
 RESOURCE_DEFAULTS: dict[str, Any] = {
@@ -54,6 +60,8 @@ RESOURCE_DEFAULTS: dict[str, Any] = {
 }
 BUDGET_DEFAULTS: dict[str, Any] = {"max_update": None, "max_epoch": None, "wall_minutes": None, "gpu_hours": None}
 METRIC_DEFAULTS: dict[str, Any] = {"name": "loss", "split": "valid", "lower_is_better": True}
+TRIALS_DEFAULTS: dict[str, Any] = {"num": -1, "seed": 0}  # -1 = every configuration
+SWEEP_ONLY_RESOURCES = {"parallel"}  # launcher-wide, not per job: an arm cannot set it
 # Arguments the launcher owns; setting them in the sweep would break resume or the run layout.
 RESERVED = {"save_dir", "tensorboard_logdir", "user_dir", "task", "seed", "log_format", "distributed_world_size",
             "distributed_rank", "distributed_init_method", "device_id", "max_update", "max_epoch", "stop_time_hours"}  # fmt: skip
@@ -72,6 +80,7 @@ class Run:
     arm: str
     seed: int
     args: dict[str, Any]  # fairseq arguments (underscored keys) beyond the base ones
+    resources: dict[str, Any] = field(default_factory=dict)  # the sweep's, with the arm's overrides
 
     @property
     def attention(self) -> str:
@@ -94,11 +103,12 @@ class Sweep:
     data_prepare: str | None
     base: dict[str, Any]
     grid: dict[str, list]
-    arms: list[dict[str, Any]]
+    arms: list[tuple[dict[str, Any], dict[str, Any]]]  # (fairseq args + optional "__name__", resource overrides)
     seeds: list[int]
     resources: dict[str, Any]
     budget: dict[str, Any]
     metric: dict[str, Any]
+    trials: dict[str, Any] = field(default_factory=lambda: dict(TRIALS_DEFAULTS))
     source: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the resolved file, for the record
 
@@ -107,7 +117,8 @@ class Sweep:
         return self.root / self.name
 
     def runs(self) -> list[Run]:
-        return expand(self)
+        """The runs this sweep launches, reports and cancels: every run, or the sampled trials."""
+        return sample(expand(self), self.trials["num"], self.trials["seed"])
 
 
 def _norm(key: str) -> str:
@@ -210,10 +221,19 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
         label = arm.pop("name", None)
         if label is not None and not SAFE_NAME.match(str(label)):
             raise SpecError(f"{src}: key 'arms[{i}].name' must be a plain directory name, got {label!r}")
+        own = arm.pop("resources", None) or {}
+        if not isinstance(own, dict):
+            raise SpecError(f"{src}: key 'arms[{i}].resources' must be a mapping, got {type(own).__name__}")
+        for key in own:
+            if key in SWEEP_ONLY_RESOURCES:
+                raise SpecError(f"{src}: key 'arms[{i}].resources.{key}' is launcher-wide; set it in 'resources'")
+            if key not in RESOURCE_DEFAULTS:
+                raise SpecError(f"{src}: unknown key 'arms[{i}].resources.{key}' "
+                                f"(known: {', '.join(sorted(set(RESOURCE_DEFAULTS) - SWEEP_ONLY_RESOURCES))})")  # fmt: skip
         args = _check_args(arm, f"arms[{i}]", src)
         if label is not None:
             args["__name__"] = str(label)
-        checked_arms.append(args)
+        checked_arms.append((args, own))
 
     seeds = data.get("seeds", [1])
     if isinstance(seeds, int):
@@ -224,11 +244,9 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
     resources = {**RESOURCE_DEFAULTS, **_mapping(data, "resources", set(RESOURCE_DEFAULTS), src)}
     if resources["parallel"] is not None and (not isinstance(resources["parallel"], int) or resources["parallel"] < 1):
         raise SpecError(f"{src}: key 'resources.parallel' must be a positive integer or null, got {resources['parallel']!r}")
-    for key in ("gpus_per_node", "nodes", "tasks_per_node", "cpus_per_task", "time_min", "signal_delay_s"):
-        value = resources[key]
-        low = 0 if key in ("gpus_per_node", "signal_delay_s") else 1
-        if not isinstance(value, int) or isinstance(value, bool) or value < low:
-            raise SpecError(f"{src}: key 'resources.{key}' must be an integer >= {low}, got {value!r}")
+    _check_resources(resources, "resources", src)
+    for i, (args, own) in enumerate(checked_arms):
+        _check_resources({**resources, **own}, f"arms[{i}].resources", src)
     budget = {**BUDGET_DEFAULTS, **_mapping(data, "budget", set(BUDGET_DEFAULTS), src)}
     for key, value in budget.items():
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
@@ -238,13 +256,19 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
     metric = {**METRIC_DEFAULTS, **_mapping(data, "metric", set(METRIC_DEFAULTS), src)}
     if not isinstance(metric["lower_is_better"], bool):
         raise SpecError(f"{src}: key 'metric.lower_is_better' must be true or false")
+    trials = {**TRIALS_DEFAULTS, **_mapping(data, "trials", set(TRIALS_DEFAULTS), src)}
+    for key, low in (("num", -1), ("seed", 0)):
+        value = trials[key]
+        if not isinstance(value, int) or isinstance(value, bool) or value < low or (key == "num" and value == 0):
+            what = "a positive integer or -1 (all)" if key == "num" else "an integer >= 0"
+            raise SpecError(f"{src}: key 'trials.{key}' must be {what}, got {value!r}")
 
     root = Path(str(data.get("root") or "outputs/sweeps")).expanduser().resolve()
     data_path = Path(str(dat["path"])).expanduser().resolve() if dat.get("path") else None
     sweep = Sweep(
         name=name, root=root, task=str(data["task"]), data_path=data_path, data_prepare=dat.get("prepare"),
         base=base, grid=grid, arms=checked_arms, seeds=list(seeds), resources=resources, budget=budget,
-        metric=metric, source=source, config=data,
+        metric=metric, trials=trials, source=source, config=data,
     )  # fmt: skip
     runs = expand(sweep)
     if not runs:
@@ -260,6 +284,16 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
     if check_data and not (data_path / "dict.txt").is_file() and not sweep.data_prepare:
         raise SpecError(f"{src}: key 'data.path': {data_path} has no dict.txt and 'data.prepare' is not set")
     return sweep
+
+
+def _check_resources(resources: dict, where: str, src: str) -> None:
+    for key in ("gpus_per_node", "nodes", "tasks_per_node", "cpus_per_task", "time_min", "signal_delay_s"):
+        value = resources[key]
+        low = 0 if key in ("gpus_per_node", "signal_delay_s") else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise SpecError(f"{src}: key '{where}.{key}' must be an integer >= {low}, got {value!r}")
+    if not isinstance(resources["mem_gb"], (int, float)) or isinstance(resources["mem_gb"], bool) or resources["mem_gb"] <= 0:
+        raise SpecError(f"{src}: key '{where}.mem_gb' must be a positive number, got {resources['mem_gb']!r}")
 
 
 def _check_archs(runs: list[Run], src: str) -> None:
@@ -291,22 +325,38 @@ def _short(value: Any) -> str:
 
 def expand(sweep: Sweep) -> list[Run]:
     """arms x grid x seeds, in file order; run ids name what varies (fb_sweep's save_dir_key)."""
-    arms = sweep.arms or [{}]
+    arms = sweep.arms or [({}, {})]
     keys = list(sweep.grid)
     combos = list(itertools.product(*(sweep.grid[k] for k in keys))) or [()]
     configs = []
-    for arm in arms:
+    for arm, own in arms:
         for combo in combos:
             args = {**sweep.base, **{k: v for k, v in arm.items() if k != "__name__"}, **dict(zip(keys, combo))}
             label = arm.get("__name__")
             parts = [label] if label else []
             parts += [f"{k}{_short(v)}" if k != "arch" else _short(v) for k, v in zip(keys, combo)]
-            configs.append(("_".join(parts) or "base", args))
+            configs.append(("_".join(parts) or "base", args, {**sweep.resources, **own}))
     runs = []
-    for arm_id, args in configs:
+    for arm_id, args, resources in configs:
         for seed in sweep.seeds:
-            runs.append(Run(run_id=f"{arm_id}_s{seed}", arm=arm_id, seed=seed, args=args))
+            runs.append(Run(run_id=f"{arm_id}_s{seed}", arm=arm_id, seed=seed, args=args, resources=resources))
     return runs
+
+
+def sample(runs: list[Run], num: int, seed: int) -> list[Run]:
+    """fb_sweep's ``--num-trials``: ``num`` configurations (arms) drawn at random, with all their seeds.
+
+    The draw is a seeded shuffle of the configurations, cut after ``num``: the same (num, seed) gives
+    the same runs, a larger ``num`` keeps the smaller draw's runs and adds to them, and run ids are the
+    full sweep's ids (sampling never renames a run). -1, or ``num`` >= the configurations, is all.
+    """
+    arms = list(dict.fromkeys(run.arm for run in runs))  # file order
+    if num < 0 or num >= len(arms):
+        return runs
+    order = list(arms)
+    random.Random(seed).shuffle(order)
+    chosen = set(order[:num])
+    return [run for run in runs if run.arm in chosen]
 
 
 def fairseq_argv(sweep: Sweep, run: Run, run_dir: Path, tb_dir: Path, user_dir: Path) -> list[str]:
@@ -331,7 +381,8 @@ def fairseq_argv(sweep: Sweep, run: Run, run_dir: Path, tb_dir: Path, user_dir: 
     if budget["wall_minutes"]:
         hours.append(budget["wall_minutes"] / 60)
     if budget["gpu_hours"]:
-        devices = max(1, sweep.resources["gpus_per_node"] * sweep.resources["nodes"])
+        resources = run.resources or sweep.resources
+        devices = max(1, resources["gpus_per_node"] * resources["nodes"])
         hours.append(budget["gpu_hours"] / devices)  # equal GPU-hours: fewer GPUs train longer
     if hours:
         argv += ["--stop-time-hours", f"{min(hours):.6f}"]  # fairseq counts it across restarts

@@ -7,6 +7,7 @@ at the end by pid; every test gets its own sweep root (job ids restart at 1 with
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -100,3 +101,20 @@ def run_cli(args: list[str], timeout: float = 300, env: dict | None = None) -> s
     """fairseq-sweep as a user runs it (python -m slurm), with a deadline."""
     return subprocess.run([PY, "-m", "slurm", *args], cwd=REPO, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})  # fmt: skip
+
+
+def processes_mentioning(text: str) -> list[str]:
+    """Command lines of live processes that mention ``text`` (e.g. a sweep directory)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if text in cmdline and proc.name != str(os.getpid()):
+            found.append(cmdline)
+    return found
+
+
+def last_saved(log: str) -> int:
+    return max(int(u) for u in re.findall(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates", log))

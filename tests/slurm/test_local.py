@@ -1,17 +1,24 @@
-"""The launcher on submitit's local executor (real subprocesses): runs, idempotency, lock, report."""
+"""The launcher on submitit's local executor (real subprocesses) and in-process (debug): runs,
+idempotency, lock, report, exit status, cancel and resume."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
+import pdb
 import re
+import subprocess
+import time
 
 import pytest
 
+from slurm.cli import main
 from slurm.runs import LockedError, sweep_lock, write_json
 from slurm.spec import load
 
-from .conftest import run_cli, tiny_sweep
+from .conftest import PY, REPO, last_saved, processes_mentioning, run_cli, tiny_sweep
+
 
 
 def test_local_sweep_runs_reports_and_is_idempotent(tmp_path, corpus):
@@ -19,8 +26,14 @@ def test_local_sweep_runs_reports_and_is_idempotent(tmp_path, corpus):
     path = tiny_sweep(tmp_path / "s.yaml", corpus, name="loc", grid={"arch": ["softmax_transformer", "clustered_transformer"]},
                       arms=[{"name": "ok"}, {"name": "bad", "hash_bits": 64}])  # fmt: skip
     proc = run_cli(["run", str(path), "resources.parallel=2"], timeout=400)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]  # an arm failed: not 0
     sweep_dir = tmp_path / "sweeps" / "loc"
+    # After the report, one line per failed run with the error and the log to read.
+    summary = [line.strip() for line in proc.stdout.split("2 of 4 launched run(s) did not finish:")[1].strip().splitlines()]
+    assert [line.split()[1].rstrip(":") for line in summary] == ["bad_softmax_s1", "bad_clustered_s1"], summary
+    for line in summary:
+        assert line.startswith("FAILED") and "fairseq-train exit" in line and "hash" in line, line
+        assert line.endswith(f"log: {sweep_dir / line.split()[1].rstrip(':') / 'train.log'}"), line
     for run_id in ("ok_softmax_s1", "ok_clustered_s1"):
         result = json.loads((sweep_dir / run_id / "result.json").read_text())
         assert result["state"] == "finished" and result["updates"] == 8, result
@@ -31,7 +44,7 @@ def test_local_sweep_runs_reports_and_is_idempotent(tmp_path, corpus):
         assert list((sweep_dir / "tb" / run_id / "valid").glob("events.out.tfevents.*"))
     bad = json.loads((sweep_dir / "bad_softmax_s1" / "result.json").read_text())
     assert bad["state"] == "failed" and bad["exit_code"] != 0 and "hash" in bad["error"]
-    assert "FAILED bad_softmax_s1" in proc.stdout
+    assert "[sweep] FAILED bad_softmax_s1" in proc.stdout  # said as it happened, too
     # The report: one row per run, the table printed, partial-sweep note, plots written.
     rows = list(csv.DictReader((sweep_dir / "results.csv").open()))
     assert {r["run_id"]: r["state"] for r in rows}["ok_clustered_s1"] == "finished" and len(rows) == 4
@@ -103,3 +116,76 @@ def test_unfinished_run_resumes_from_its_checkpoint(tmp_path, corpus):
     assert report.returncode == 0 and "missing" not in report.stdout, report.stderr[-2000:]
     assert re.search(r"^softmax\s+softmax\s+1/1\s+[\d.]+\s+[\d.]+\s+12\s", report.stdout, re.M), report.stdout
     assert (tmp_path / "sweeps" / "res" / "results.md").is_file()
+
+
+def test_debug_cluster_runs_in_process_records_failures_without_pdb(tmp_path, corpus, capsys, monkeypatch):
+    # submitit's DebugJob.results() calls pdb.post_mortem on a failure; the launcher must not.
+    entered = []
+    monkeypatch.setattr(pdb, "post_mortem", lambda *a, **k: entered.append("post_mortem"))
+    monkeypatch.setattr(pdb, "set_trace", lambda *a, **k: entered.append("set_trace"))
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="dbg", grid={"arch": ["softmax_transformer"]},
+                      arms=[{"name": "bad", "hash_bits": 64}, {"name": "ok"}], resources__tasks_per_node=2)  # fmt: skip
+    code = main(["run", str(path), "--cluster", "debug"])
+    out = capsys.readouterr().out
+    assert entered == [] and code == 1, out[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "dbg"
+    ok = json.loads((sweep_dir / "ok_softmax_s1" / "result.json").read_text())
+    assert ok["state"] == "finished" and ok["updates"] == 8 and ok["world_size"] == 1, ok  # one task in-process
+    bad = json.loads((sweep_dir / "bad_softmax_s1" / "result.json").read_text())
+    assert bad["state"] == "failed" and "hash" in bad["error"]
+    jobs = json.loads((sweep_dir / "jobs.json").read_text())
+    assert {e["cluster"] for e in jobs.values()} == {"debug"} and all(e["job_id"].startswith("DEBUG_") for e in jobs.values())
+    assert "debug: each job runs as ONE task in this process (2 tasks/node ignored)" in out
+    assert out.index("FAILED bad_softmax_s1") < out.index("finished ok_softmax_s1")  # the launch went on
+    line = re.search(r"^  FAILED bad_softmax_s1: .*$", out, re.M).group(0)  # the closing summary
+    assert re.match(r"  FAILED bad_softmax_s1: fairseq-train exit [1-9]\d*: .*--hash-bits.*; log: ", line), line
+    assert line.endswith(f"log: {sweep_dir / 'bad_softmax_s1' / 'train.log'}")
+    assert "SUBMITIT_DEBUG_JOB_ID" not in os.environ
+
+
+def test_cancel_stops_a_local_launch_and_run_resumes(tmp_path, corpus):
+    # One training at a time (parallel=1): softmax runs, clustered waits in the launcher's queue.
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="can", budget={"max_update": 100000, "wall_minutes": 3},
+                      resources__parallel=1, fairseq__validate_interval_updates=1000)  # fmt: skip
+    sweep_dir = tmp_path / "sweeps" / "can"
+    first = sweep_dir / "softmax_s1"
+    launch = subprocess.Popen([PY, "-m", "slurm", "run", str(path), "--progress-every", "3"], cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not (first / "checkpoints" / "checkpoint_last.pt").is_file():
+            assert launch.poll() is None and time.time() < deadline, "no checkpoint before the cancel"
+            time.sleep(0.5)
+        cancel = run_cli(["cancel", str(path)], timeout=180)
+        out, _ = launch.communicate(timeout=120)
+    finally:
+        if launch.poll() is None:
+            launch.kill()
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr[-2000:]
+    assert "asking the running launch" in cancel.stdout and "cancelled softmax_s1 (stopped by its launch) at" in cancel.stdout
+    assert launch.returncode == 130, out[-3000:]
+    assert re.search(r"\[sweep\] \d+m\d+s: 0 finished, 1 running \(softmax_s1 @ \d+ updates\), 1 waiting", out), out
+    assert "CANCELLED softmax_s1" in out and "NOT LAUNCHED clustered_s1" in out
+    # Honest and complete records; nothing left running, nothing half-written.
+    result = json.loads((first / "result.json").read_text())
+    assert result["state"] == "cancelled" and result["attempts"] == 1 and result["cancelled_at"] > 0, result
+    assert result["updates"] >= 4 and result["wall_time_s"] > 0
+    assert not (sweep_dir / "clustered_s1" / "result.json").exists()  # never launched
+    assert processes_mentioning(str(sweep_dir)) == []
+    assert [p.name for p in first.iterdir() if p.name.startswith(".result.json.") and not p.name.endswith(".lock")] == []
+    assert list(sweep_dir.rglob("*.tmp")) == []
+    status = run_cli(["status", str(path)], timeout=120)
+    assert re.search(r"^softmax_s1\s+cancelled\s+\d+", status.stdout, re.M) and "1 cancelled, 1 not started" in status.stdout
+    again_cancel = run_cli(["cancel", str(path)], timeout=120)
+    assert again_cancel.returncode == 0 and "nothing to cancel" in again_cancel.stdout
+    # A later run resumes the cancelled run from its last checkpoint and trains the other from scratch.
+    saved = last_saved((first / "train.log").read_text())
+    again = run_cli(["run", str(path), f"budget.max_update={saved + 4}", "resources.parallel=2"], timeout=300)
+    assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
+    assert "2 to launch" in again.stdout
+    result = json.loads((first / "result.json").read_text())
+    assert result["state"] == "finished" and result["attempts"] == 2 and result["updates"] == saved + 4, result
+    loaded = re.findall(r"Loaded checkpoint \S+ \(epoch \d+ @ (\d+) updates\)", (first / "train.log").read_text())
+    assert loaded and int(loaded[-1]) >= saved, loaded
+    other = json.loads((sweep_dir / "clustered_s1" / "result.json").read_text())
+    assert other["state"] == "finished" and other["attempts"] == 1 and other["updates"] == saved + 4

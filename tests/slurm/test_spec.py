@@ -7,7 +7,7 @@ import pytest
 from slurm.cli import main
 from slurm.spec import SpecError, fairseq_argv, load
 
-from .conftest import tiny_sweep
+from .conftest import run_cli, tiny_sweep
 
 
 def error_of(path, *overrides, **kw) -> str:
@@ -84,3 +84,71 @@ def test_cli_prints_one_line_error_and_exits_2(tmp_path, corpus, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "unknown key 'resources.gpu'" in err
     assert not (tmp_path / "sweeps").exists()  # nothing was created, let alone submitted
+
+
+def test_trials_sample_configurations_reproducibly(tmp_path, corpus):
+    # 2 architectures x 3 cluster counts = 6 configurations, 2 seeds each.
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, grid={"arch": ["softmax_transformer", "clustered_transformer"],
+                                                         "clusters": [2, 4, 8]}, seeds=[1, 2])  # fmt: skip
+    full = [r.run_id for r in load(path).runs()]
+    assert len(full) == 12
+
+    def ids(num, seed=0):
+        return [r.run_id for r in load(path, [f"trials.num={num}", f"trials.seed={seed}"]).runs()]
+
+    two = ids(2)
+    assert len(two) == 4 and len({i.rsplit("_s", 1)[0] for i in two}) == 2  # 2 configurations, both seeds each
+    assert ids(2) == two  # seeded: the same draw every time
+    assert [i for i in full if i in two] == two  # ids and order are the full sweep's
+    assert set(two) <= set(ids(4))  # more trials keep the earlier ones
+    assert ids(-1) == full and ids(6) == full and ids(50) == full
+    assert len({tuple(ids(2, seed)) for seed in range(8)}) > 1  # the seed changes the draw
+    assert "'trials.num'" in error_of(path, "trials.num=0")
+    assert "'trials.seed'" in error_of(path, "trials.seed=-3")
+
+
+def test_arm_resources_override_and_split_job_groups(tmp_path, corpus):
+    from slurm.launch import describe, job_spec, resource_groups
+
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, grid={"arch": ["softmax_transformer"]},
+                      arms=[{"name": "wide", "resources": {"gpus_per_node": 2, "mem_gb": 8}}, {"name": "one"}],
+                      budget={"gpu_hours": 1.0})  # fmt: skip
+    sweep = load(path)
+    wide, one = sweep.runs()
+    assert wide.resources["gpus_per_node"] == 2 and wide.resources["mem_gb"] == 8
+    assert one.resources == sweep.resources and one.resources["gpus_per_node"] == 0
+    assert wide.resources["cpus_per_task"] == sweep.resources["cpus_per_task"]  # merged, not replaced
+    groups = resource_groups(sweep.runs())
+    assert [[r.run_id for r in runs] for _, runs in groups] == [["wide_softmax_s1"], ["one_softmax_s1"]]
+    assert describe(groups[0][0]).startswith("1 node x 2 tasks, 2 GPU/node")
+    argv = {r.run_id: fairseq_argv(sweep, r, tmp_path, tmp_path, tmp_path) for r in sweep.runs()}
+    hours = {k: float(v[v.index("--stop-time-hours") + 1]) for k, v in argv.items()}
+    assert hours == {"wide_softmax_s1": 0.5, "one_softmax_s1": 1.0}  # equal GPU-hours per arm
+    assert job_spec(sweep, wide)["gpus"] == 2 and job_spec(sweep, one)["gpus"] == 0
+    bad = [({"gpu": 1}, "unknown key 'arms[0].resources.gpu'"), ({"parallel": 2}, "'arms[0].resources.parallel'"),
+           ({"tasks_per_node": 0}, "'arms[0].resources.tasks_per_node'"), (3, "'arms[0].resources' must be a mapping")]
+    for i, (resources, message) in enumerate(bad):
+        assert message in error_of(tiny_sweep(tmp_path / f"b{i}.yaml", corpus, arms=[{"resources": resources}]))
+
+
+def test_dry_run_shows_trials_and_job_arrays(tmp_path, corpus):
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="dry", grid={"arch": ["softmax_transformer", "clustered_transformer"],
+                      "clusters": [2, 4]}, arms=[{"name": "a"}, {"name": "b", "resources": {"tasks_per_node": 2}}])  # fmt: skip
+    args = ["run", str(path), "--cluster", "slurm", "--dry-run", "--num-trials", "3", "--trials-seed", "5"]
+    first, again = run_cli(args, timeout=120), run_cli(args, timeout=120)
+    assert first.returncode == 0, first.stderr[-2000:]
+    commands = [line for line in first.stdout.splitlines() if "fairseq-train" in line]
+    assert len(commands) == 3 and commands == [line for line in again.stdout.splitlines() if "fairseq-train" in line]
+    assert "trials: 3 of 8 configurations drawn with seed 5" in first.stdout
+    chosen = [line.split()[0] for line in commands]
+    headers = [line for line in first.stdout.splitlines() if line.startswith("# ")]
+    arrays = {"a": "x 1 task,", "b": "x 2 tasks,"}
+    assert len(headers) == len({c[0] for c in chosen})  # one job array per resource set drawn
+    assert all(any(arrays[c[0]] in h for h in headers) for c in chosen)
+    for line in commands:
+        run_id = line.split()[0]
+        assert f"/dry/{run_id}/checkpoints" in line and "--seed 1" in line
+    assert not (tmp_path / "sweeps" / "dry" / "jobs.json").exists()  # nothing launched
+    status = run_cli(["status", str(path), "--num-trials", "3", "--trials-seed", "5"], timeout=120)
+    listed = [line.split()[0] for line in status.stdout.splitlines()[2:] if line.strip() and not line.startswith("3 runs")]
+    assert listed == chosen and "3 runs: 3 not started" in status.stdout
