@@ -7,6 +7,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -41,16 +42,22 @@ inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const ch
 
 enum class Isa { kDefault = 0, kAvx2 = 1, kAvx512 = 2 };
 
+// The best variant this CPU runs; FAIRSEQ_PLUGIN_CPU_ISA=default|avx2 caps it (the tests run
+// every variant this way, and it helps to compare them).
 inline Isa cpu_isa() {
 #if defined(__x86_64__) && defined(__GNUC__)
   static const Isa isa = [] {
     __builtin_cpu_init();
+    Isa best = Isa::kDefault;
+    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) best = Isa::kAvx2;
     if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512dq") &&
         __builtin_cpu_supports("avx512vpopcntdq"))
-      return Isa::kAvx512;
-    if (__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) return Isa::kAvx2;
-    return Isa::kDefault;
+      best = Isa::kAvx512;
+    const char* cap = std::getenv("FAIRSEQ_PLUGIN_CPU_ISA");
+    if (cap != nullptr && std::strcmp(cap, "default") == 0) return Isa::kDefault;
+    if (cap != nullptr && std::strcmp(cap, "avx2") == 0 && best == Isa::kAvx512) return Isa::kAvx2;
+    return best;
   }();
   return isa;
 #else

@@ -10,15 +10,22 @@
 namespace fca {
 namespace {
 
+template <typename T, int VB>
+FCA_INLINE void pack_range_body(const T* proj, const T* offsets, int64_t begin, int64_t end, int64_t bits,
+                                int64_t* codes) {
+  for (int64_t r = begin; r < end; ++r) {
+    const T* p = proj + r * bits;
+    uint64_t code = 0;
+    for (int64_t b = 0; b < bits; ++b) code |= static_cast<uint64_t>(p[b] > offsets[b]) << b;
+    codes[r] = static_cast<int64_t>(code);
+  }
+}
+FCA_MULTIVERSION(pack_range)
+
 template <typename T>
 void pack_rows(const T* proj, const T* offsets, int64_t rows, int64_t bits, int64_t* codes) {
   at::parallel_for(0, rows, 2048, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const T* p = proj + r * bits;
-      uint64_t code = 0;
-      for (int64_t b = 0; b < bits; ++b) code |= static_cast<uint64_t>(p[b] > offsets[b]) << b;
-      codes[r] = static_cast<int64_t>(code);
-    }
+    pack_range<T>(proj, offsets, begin, end, bits, codes);
   });
 }
 

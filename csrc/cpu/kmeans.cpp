@@ -147,54 +147,78 @@ std::tuple<at::Tensor, at::Tensor> hamming_kmeans_cpu(const at::Tensor& codes_in
   const int64_t rows = n * h;
   const uint64_t keep = (uint64_t{1} << hash_bits) - 1;
 
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t* pos = init.const_data_ptr<int64_t>() + r * clusters;
-    for (int64_t j = 0; j < clusters; ++j) centroids[r * clusters + j] = code[r * length + pos[j]];
-  }
-  auto assign_all = [&] {
-    // Rows of every (n, h) are independent: split the flattened (n, h, l) range.
-    at::parallel_for(0, rows * length, 512, [&](int64_t begin, int64_t end) {
-      while (begin < end) {
-        const int64_t r = begin / length, l0 = begin % length;
-        const int64_t l1 = std::min(length, l0 + (end - begin));
-        assign(code + r * length, centroids.data() + r * clusters, clusters,
-                    pad == nullptr ? nullptr : pad + (r / h) * length, l0, l1, assign_out + r * length);
-        begin += l1 - l0;
-      }
-    });
+  const int64_t* init_pos = init.const_data_ptr<int64_t>();
+  const int64_t* reseed_pos = reseed.const_data_ptr<int64_t>();
+  int64_t* count_out = counts.mutable_data_ptr<int64_t>();
+  for (int64_t r = 0; r < rows; ++r)
+    for (int64_t j = 0; j < clusters; ++j) centroids[r * clusters + j] = code[r * length + init_pos[r * clusters + j]];
+
+  // Assignment of queries [l0, l1) of row r.
+  auto assign_range = [&](int64_t r, int64_t l0, int64_t l1) {
+    assign(code + r * length, centroids.data() + r * clusters, clusters,
+           pad == nullptr ? nullptr : pad + (r / h) * length, l0, l1, assign_out + r * length);
   };
-  for (int64_t it = 0; it < iterations; ++it) {
-    assign_all();
+  // Majority vote (or re-seed) of every centroid of row r after iteration it.
+  auto update_row = [&](int64_t r, int64_t it, int32_t* ones, int64_t* sizes) {
+    std::fill(ones, ones + clusters * 64, 0);
+    std::fill(sizes, sizes + clusters, 0);
+    count_bits<int>(code + r * length, assign_out + r * length, length, hash_bits, ones, sizes);
+    const int64_t* pos = reseed_pos + (it * rows + r) * clusters;
+    for (int64_t j = 0; j < clusters; ++j) {
+      if (sizes[j] == 0) {
+        centroids[r * clusters + j] = code[r * length + pos[j]];
+        continue;
+      }
+      uint64_t c = 0;
+      for (int64_t b = 0; b < 64; ++b)
+        c |= static_cast<uint64_t>(2 * static_cast<int64_t>(ones[j * 64 + b]) > sizes[j]) << b;
+      centroids[r * clusters + j] = static_cast<int64_t>(c & keep);
+    }
+  };
+  auto count_row = [&](int64_t r) {
+    for (int64_t l = 0; l < length; ++l) {
+      const int64_t a = assign_out[r * length + l];
+      if (a >= 0) count_out[r * clusters + a] += 1;
+    }
+  };
+
+  if (rows >= at::get_num_threads()) {
+    // Enough (n, h) rows to keep every thread busy: each task runs whole rows through every
+    // iteration, so the threads meet once, not twice per iteration (on a busy node every
+    // meeting can cost a scheduler slice).
     at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
       std::vector<int32_t> ones(clusters * 64);
       std::vector<int64_t> sizes(clusters);
       for (int64_t r = begin; r < end; ++r) {
-        std::fill(ones.begin(), ones.end(), 0);
-        std::fill(sizes.begin(), sizes.end(), 0);
-        count_bits<int>(code + r * length, assign_out + r * length, length, hash_bits, ones.data(), sizes.data());
-        const int64_t* pos = reseed.const_data_ptr<int64_t>() + (it * rows + r) * clusters;
-        for (int64_t j = 0; j < clusters; ++j) {
-          if (sizes[j] == 0) {
-            centroids[r * clusters + j] = code[r * length + pos[j]];
-            continue;
-          }
-          uint64_t c = 0;
-          for (int64_t b = 0; b < 64; ++b)
-            c |= static_cast<uint64_t>(2 * static_cast<int64_t>(ones[j * 64 + b]) > sizes[j]) << b;
-          centroids[r * clusters + j] = static_cast<int64_t>(c & keep);
+        for (int64_t it = 0; it < iterations; ++it) {
+          assign_range(r, 0, length);
+          update_row(r, it, ones.data(), sizes.data());
         }
+        assign_range(r, 0, length);
+        count_row(r);
       }
     });
+    return {assignment, counts};
+  }
+  // Few rows (e.g. one sequence, one head): split each assignment over the queries.
+  auto assign_all = [&] {
+    at::parallel_for(0, rows * length, 512, [&](int64_t begin, int64_t end) {
+      while (begin < end) {
+        const int64_t r = begin / length, l0 = begin % length;
+        const int64_t l1 = std::min(length, l0 + (end - begin));
+        assign_range(r, l0, l1);
+        begin += l1 - l0;
+      }
+    });
+  };
+  std::vector<int32_t> ones(clusters * 64);
+  std::vector<int64_t> sizes(clusters);
+  for (int64_t it = 0; it < iterations; ++it) {
+    assign_all();
+    for (int64_t r = 0; r < rows; ++r) update_row(r, it, ones.data(), sizes.data());
   }
   assign_all();
-  int64_t* count_out = counts.mutable_data_ptr<int64_t>();
-  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r)
-      for (int64_t l = 0; l < length; ++l) {
-        const int64_t a = assign_out[r * length + l];
-        if (a >= 0) count_out[r * clusters + a] += 1;
-      }
-  });
+  for (int64_t r = 0; r < rows; ++r) count_row(r);
   return {assignment, counts};
 }
 

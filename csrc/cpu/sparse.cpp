@@ -86,6 +86,13 @@ FCA_INLINE void forward_cluster_body(const T* q, const T* key, const T* value, c
   }
   for (int64_t g0 = 0; g0 < count; g0 += QB) {
     const int64_t group = count - g0 < QB ? count - g0 : QB;
+    // Members are scattered over the sequence: fetch the next group's rows while this one computes.
+    for (int64_t g = g0 + QB; g < g0 + 2 * QB && g < count; ++g) {
+      for (int64_t off = 0; off < e_dim; off += 64 / static_cast<int64_t>(sizeof(T)))
+        __builtin_prefetch(q + members[g] * e_dim + off);
+      for (int64_t off = 0; off < m_dim; off += 64 / static_cast<int64_t>(sizeof(T)))
+        __builtin_prefetch(out + members[g] * m_dim + off, 1);
+    }
     for (int64_t g = 0; g < QB; ++g) {  // a short last group repeats its first query
       const T* qi = q + members[g0 + (g < group ? g : 0)] * e_dim;
       for (int64_t e = 0; e < e_dim; ++e) qs[g * e_dim + e] = qi[e] * scale;
@@ -147,6 +154,14 @@ FCA_INLINE void backward_cluster_body(const T* grad_out, const T* q, const T* ke
   }
   for (int64_t g0 = 0; g0 < count; g0 += QB) {
     const int64_t group = count - g0 < QB ? count - g0 : QB;
+    for (int64_t g = g0 + QB; g < g0 + 2 * QB && g < count; ++g) {  // the next group's rows
+      for (int64_t off = 0; off < e_dim; off += 64 / static_cast<int64_t>(sizeof(T))) {
+        __builtin_prefetch(q + members[g] * e_dim + off);
+        __builtin_prefetch(gq + members[g] * e_dim + off, 1);
+      }
+      for (int64_t off = 0; off < m_dim; off += 64 / static_cast<int64_t>(sizeof(T)))
+        __builtin_prefetch(grad_out + members[g] * m_dim + off);
+    }
     for (int64_t g = 0; g < QB; ++g) {
       if (g < group) {
         const int64_t i = members[g0 + g];

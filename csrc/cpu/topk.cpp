@@ -4,12 +4,14 @@
 // the (already scaled) centroid scores with padded keys at weight 0, in float32 (float64 for
 // float64 input); top = the min(topk, S) keys of each row ranked by attn, descending, ties to the
 // lower key index, every padded key ranked below every real key. The softmax is ATen's
-// vectorised kernel; the selection is one pass per row with a size-k heap, instead of sorting.
+// vectorised kernel; the selection bounds the k-th value with block maxima and sorts only the
+// few candidates that reach the bound, instead of sorting rows.
 #include "cpu_common.h"
 
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <vector>
 
 namespace fca {
@@ -27,49 +29,74 @@ inline bool before(const Entry<T>& a, const Entry<T>& b) {
   return a.value > b.value || (a.value == b.value && a.index < b.index);
 }
 
-// Heap whose root is the worst kept entry (the one every candidate must beat).
-template <typename T>
-void sift_down(Entry<T>* heap, int64_t size, int64_t i) {
-  while (true) {
-    int64_t worst = i;
-    const int64_t l = 2 * i + 1, r = l + 1;
-    if (l < size && before(heap[worst], heap[l])) worst = l;
-    if (r < size && before(heap[worst], heap[r])) worst = r;
-    if (worst == i) return;
-    std::swap(heap[i], heap[worst]);
-    i = worst;
-  }
-}
-
-template <typename T>
-void select_row(const T* attn, const bool* padded, int64_t s, int64_t k, Entry<T>* heap, int64_t* out) {
+// Top k of one row in the order of `before`, written to out, best first. Rows much longer than k
+// take two passes: the maxima of blocks of W entries give a lower bound on the k-th largest value
+// (the k-th largest block maximum: k blocks, hence k entries, reach it), and only the blocks whose
+// maximum reaches that bound are scanned for candidates; the candidates (about k, more with ties)
+// are then selected and sorted. Short rows are selected and sorted whole.
+template <typename T, int VB>
+FCA_INLINE void select_row_variants_body(const T* attn, const bool* padded, int64_t s, int64_t k, Entry<T>* buf,
+                                T* maxima, int64_t* out) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
   auto value = [&](int64_t t) { return padded != nullptr && padded[t] ? T(-1) : attn[t]; };
-  for (int64_t t = 0; t < k; ++t) heap[t] = Entry<T>{value(t), t};
-  for (int64_t i = k / 2 - 1; i >= 0; --i) sift_down(heap, k, i);
-  auto offer = [&](int64_t t) {
-    const T v = value(t);
-    if (v > heap[0].value) {  // equal values lose: their index is higher than every kept one's
-      heap[0] = Entry<T>{v, t};
-      sift_down(heap, k, 0);
+  auto order = [](const Entry<T>& a, const Entry<T>& b) { return before(a, b); };
+  // Blocks of `width` entries (a multiple of W, up to 8 vectors), at least 4k of them.
+  int64_t width = W;
+  while (width < 8 * W && s / (2 * width) >= 4 * k) width *= 2;
+  const int64_t blocks = s / width;
+  int64_t n = 0;
+  if (blocks < 4 * k) {
+    for (int64_t t = 0; t < s; ++t) buf[t] = Entry<T>{value(t), t};
+    n = s;
+  } else {
+    T* sorted = maxima + blocks;
+    const V minus_one = T(-1) - V{};
+    for (int64_t b = 0; b < blocks; ++b) {
+      V m = load_vec<V>(attn + b * width);
+      for (int64_t x = 0; x < width; x += W) {
+        V v = load_vec<V>(attn + b * width + x);
+        if (padded != nullptr) {
+          V p;
+          for (int64_t w = 0; w < W; ++w) p[w] = padded[b * width + x + w] ? T(1) : T(0);
+          v = p != T(0) ? minus_one : v;
+        }
+        m = x == 0 ? v : (v > m ? v : m);
+      }
+      T lanes[W];
+      __builtin_memcpy(lanes, &m, sizeof(V));
+      T best = lanes[0];
+      for (int64_t w = 1; w < W; ++w) best = lanes[w] > best ? lanes[w] : best;
+      maxima[b] = best;
     }
-  };
-  // Once the heap holds good keys most blocks have no candidate: test 16 at a time first.
-  constexpr int64_t B = 16;
-  int64_t t = k;
-  for (; t + B <= s; t += B) {
-    const T threshold = heap[0].value;
-    int32_t above = 0;
-    if (padded == nullptr) {
-      for (int64_t w = 0; w < B; ++w) above += attn[t + w] > threshold;
-    } else {
-      for (int64_t w = 0; w < B; ++w) above += (padded[t + w] ? T(-1) : attn[t + w]) > threshold;
+    std::copy(maxima, maxima + blocks, sorted);
+    std::nth_element(sorted, sorted + (k - 1), sorted + blocks, [](T a, T b) { return a > b; });
+    const T bound = sorted[k - 1];
+    for (int64_t b = 0; b < blocks; ++b) {
+      if (maxima[b] < bound) continue;
+      for (int64_t t = b * width; t < (b + 1) * width; ++t) {
+        const T v = value(t);
+        if (v >= bound) buf[n++] = Entry<T>{v, t};
+      }
     }
-    if (above != 0)
-      for (int64_t w = 0; w < B; ++w) offer(t + w);
+    for (int64_t t = blocks * width; t < s; ++t) {  // the tail after the last whole block
+      const T v = value(t);
+      if (v >= bound) buf[n++] = Entry<T>{v, t};
+    }
   }
-  for (; t < s; ++t) offer(t);
-  std::sort(heap, heap + k, [](const Entry<T>& a, const Entry<T>& b) { return before(a, b); });
-  for (int64_t i = 0; i < k; ++i) out[i] = heap[i].index;
+  std::nth_element(buf, buf + (k - 1), buf + n, order);
+  std::sort(buf, buf + k, order);
+  for (int64_t i = 0; i < k; ++i) out[i] = buf[i].index;
+}
+FCA_MULTIVERSION(select_row_variants)
+
+// GCC 12's AVX-512 build of this branchy routine measured up to 3x slower than its AVX2 build on
+// this project's machine (wide permutes around the scalar bookkeeping), so AVX-512 CPUs run the
+// AVX2 variant.
+template <typename T, typename... A>
+void select_row(A... a) {
+  if (cpu_isa() == Isa::kDefault) return select_row_variants_default<T, A...>(a...);
+  return select_row_variants_avx2<T, A...>(a...);
 }
 
 }  // namespace
@@ -100,10 +127,11 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& scores,
     const bool* pad = key_padding_mask.has_value() ? padded.const_data_ptr<bool>() : nullptr;
     int64_t* out = top.mutable_data_ptr<int64_t>();
     at::parallel_for(0, n * h * c, 4, [&](int64_t begin, int64_t end) {
-      std::vector<Entry<scalar_t>> heap(k);
+      std::vector<Entry<scalar_t>> buf(s);
+      std::vector<scalar_t> maxima(2 * s + 2);  // block maxima and their sorted copy (blocks <= s)
       for (int64_t row = begin; row < end; ++row)
-        select_row<scalar_t>(a + row * s, pad == nullptr ? nullptr : pad + (row / (h * c)) * s, s, k, heap.data(),
-                             out + row * k);
+        select_row<scalar_t>(a + row * s, pad == nullptr ? nullptr : pad + (row / (h * c)) * s, s, k, buf.data(),
+                             maxima.data(), out + row * k);
     });
   });
   return {attn, top};

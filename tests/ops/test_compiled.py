@@ -25,6 +25,7 @@ from fairseq_plugin.ops.kmeans import _one_hot, draw_kmeans_seeds, kmeans_from_s
 from . import gen, make_qkv, padding_mask, rel_err
 
 REPO = Path(__file__).resolve().parents[2]
+compiled.load()  # registers torch.ops.fairseq_clustered (test_extension_is_built_and_loaded fails if it cannot)
 OPS = torch.ops.fairseq_clustered
 DTYPES = [torch.float32, torch.float64]
 TOL = {torch.float32: 2e-5, torch.float64: 1e-12}
@@ -436,3 +437,35 @@ def test_bad_input_errors_name_the_argument():
         OPS.topk_attention(q, q, q, a, torch.full((1, 2, 1, 2), 10), None, 1.0)
     with pytest.raises(RuntimeError, match="topk must be >= 1"):
         OPS.softmax_topk(torch.randn(1, 2, 3, 10), None, 0)
+
+
+@pytest.mark.parametrize("isa", ["default", "avx2"])
+def test_every_cpu_variant_matches_reference(isa):
+    """The kernels carry AVX-512, AVX2 and baseline variants chosen at run time; this machine runs
+    the best one, so the others are checked here with FAIRSEQ_PLUGIN_CPU_ISA capping the choice."""
+    code = r"""
+import torch
+from fairseq_plugin.ops import clustered_attention, improved_clustered_attention, compiled
+assert compiled.load(), compiled.load_error()
+g = torch.Generator().manual_seed(0)
+for length, e, topk in ((300, 64, 32), (77, 19, 9)):
+    q, k, v = (torch.randn(2, 3, length, e, generator=g, dtype=torch.float64) for _ in range(3))
+    kpm = torch.zeros(2, length, dtype=torch.bool); kpm[1, length // 2:] = True
+    for fn, extra in ((clustered_attention, {}), (improved_clustered_attention, {"topk": topk})):
+        for dtype in (torch.float32, torch.float64):
+            res = []
+            for use in (False, True):
+                qq, kk, vv = (t.to(dtype).requires_grad_() for t in (q, k, v))
+                with compiled.use_compiled(use):
+                    out, info = fn(qq, kk, vv, clusters=11, generator=torch.Generator().manual_seed(1),
+                                   key_padding_mask=kpm, query_padding_mask=kpm, return_clusters=True, **extra)
+                res.append((out, info.assignment, *torch.autograd.grad(out.square().sum(), (qq, kk, vv))))
+            assert torch.equal(res[0][1], res[1][1]), "assignments differ"
+            for a, b in zip(res[0][:1] + res[0][2:], res[1][:1] + res[1][2:]):
+                err = float((a - b).abs().max() / b.abs().max())
+                assert err < (2e-5 if dtype == torch.float32 else 1e-12), (fn.__name__, dtype, err)
+print("ok")
+"""
+    env = dict(os.environ, FAIRSEQ_PLUGIN_CPU_ISA=isa)
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]

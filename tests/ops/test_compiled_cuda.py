@@ -21,6 +21,7 @@ pytestmark = [
     pytest.mark.skipif(torch.cuda.is_available() and not compiled.has_cuda(),
                        reason="fairseq_plugin._C was built without CUDA kernels"),  # fmt: skip
 ]
+compiled.load()
 OPS = torch.ops.fairseq_clustered
 DEV = "cuda"
 
