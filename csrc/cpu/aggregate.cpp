@@ -32,7 +32,7 @@ at::Tensor cluster_sum_cpu(const at::Tensor& x_in, const at::Tensor& assignment_
     const int64_t* a = assignment.const_data_ptr<int64_t>();
     scalar_t* dst = sums.mutable_data_ptr<scalar_t>();
     // One (n, h) per task, members in order: deterministic.
-    at::parallel_for(0, n * h, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n * h, grain_for(length * d), [&](int64_t begin, int64_t end) {
       for (int64_t r = begin; r < end; ++r)
         for (int64_t l = 0; l < length; ++l) {
           const int64_t c = a[r * length + l];
@@ -62,7 +62,7 @@ at::Tensor cluster_broadcast_cpu(const at::Tensor& y_in, const at::Tensor& assig
     const scalar_t* src = y.const_data_ptr<scalar_t>();
     const int64_t* a = assignment.const_data_ptr<int64_t>();
     scalar_t* dst = out.mutable_data_ptr<scalar_t>();
-    at::parallel_for(0, n * h * length, 256, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n * h * length, grain_for(d), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
         const int64_t c = a[i];
         scalar_t* row = dst + i * d;

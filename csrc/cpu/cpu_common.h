@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -33,6 +34,13 @@ inline void check_index(const at::Tensor& t, const char* name) {
 inline void check_same_device(const at::Tensor& a, const at::Tensor& b, const char* an, const char* bn) {
   TORCH_CHECK(a.device() == b.device(), an, " and ", bn, " must be on one device, got ", a.device(), " and ",
               b.device());
+}
+
+// Grain (items per task) for at::parallel_for so that a task does at least ~64k elementary
+// operations: below that, waking a second thread costs more than it saves (on a busy node, far more).
+inline int64_t grain_for(int64_t work_per_item) {
+  constexpr int64_t kMinWork = 1 << 16;
+  return work_per_item >= kMinWork ? 1 : (kMinWork + work_per_item - 1) / std::max<int64_t>(work_per_item, 1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ FCA_MULTIVERSION(pack_range)
 
 template <typename T>
 void pack_rows(const T* proj, const T* offsets, int64_t rows, int64_t bits, int64_t* codes) {
-  at::parallel_for(0, rows, 2048, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, rows, grain_for(bits), [&](int64_t begin, int64_t end) {
     pack_range<T>(proj, offsets, begin, end, bits, codes);
   });
 }

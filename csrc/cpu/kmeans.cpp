@@ -186,7 +186,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_kmeans_cpu(const at::Tensor& codes_in
     // Enough (n, h) rows to keep every thread busy: each task runs whole rows through every
     // iteration, so the threads meet once, not twice per iteration (on a busy node every
     // meeting can cost a scheduler slice).
-    at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows, grain_for(length * clusters * (iterations + 1)), [&](int64_t begin, int64_t end) {
       std::vector<int32_t> ones(clusters * 64);
       std::vector<int64_t> sizes(clusters);
       for (int64_t r = begin; r < end; ++r) {
@@ -202,7 +202,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_kmeans_cpu(const at::Tensor& codes_in
   }
   // Few rows (e.g. one sequence, one head): split each assignment over the queries.
   auto assign_all = [&] {
-    at::parallel_for(0, rows * length, 512, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, rows * length, grain_for(clusters), [&](int64_t begin, int64_t end) {
       while (begin < end) {
         const int64_t r = begin / length, l0 = begin % length;
         const int64_t l1 = std::min(length, l0 + (end - begin));

@@ -261,7 +261,7 @@ Shapes check_inputs(const at::Tensor& q, const at::Tensor& key, const at::Tensor
 // Per (n, h): the members of each cluster. Returns (order (N*H, L), offsets (N*H, C + 1)).
 std::pair<std::vector<int64_t>, std::vector<int64_t>> group_all(const int64_t* assignment, const Shapes& sh) {
   std::vector<int64_t> order(sh.n * sh.h * sh.length), offsets(sh.n * sh.h * (sh.clusters + 1));
-  at::parallel_for(0, sh.n * sh.h, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, sh.n * sh.h, grain_for(2 * sh.length), [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r)
       group_by_cluster(assignment + r * sh.length, sh.length, sh.clusters, order.data() + r * sh.length,
                        offsets.data() + r * (sh.clusters + 1));
@@ -301,14 +301,14 @@ std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, co
     // Every cluster of every (n, h) is an independent task.
     // Padded queries (assignment -1) belong to no cluster: their rows are zero.
     const int64_t* ap = assignment.const_data_ptr<int64_t>();
-    at::parallel_for(0, sh.n * sh.h * sh.length, 4096, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, sh.n * sh.h * sh.length, grain_for(sh.m + sh.k), [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i)
         if (ap[i] < 0) {
           std::fill(op + i * sh.m, op + (i + 1) * sh.m, scalar_t(0));
           std::fill(wp + i * sh.k, wp + (i + 1) * sh.k, scalar_t(0));
         }
     });
-    at::parallel_for(0, sh.n * sh.h * sh.clusters, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, sh.n * sh.h * sh.clusters, grain_for(sh.length / sh.clusters * sh.k * (sh.e + sh.m)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_size, scalar_t(0));
       for (int64_t task = begin; task < end; ++task) {
         const int64_t r = task / sh.clusters, j = task % sh.clusters;
@@ -345,7 +345,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_attention_backward", [&] {
     const int64_t scratch_size = backward_scratch<scalar_t>(sh.k, sh.e, sh.m);
     // One (n, h) per task: its clusters write to shared key rows, in cluster order.
-    at::parallel_for(0, sh.n * sh.h, 1, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, sh.n * sh.h, grain_for(sh.length * sh.k * (sh.e + sh.m)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_size, scalar_t(0));
       for (int64_t r = begin; r < end; ++r) {
         const int64_t* off = offsets.data() + r * (sh.clusters + 1);

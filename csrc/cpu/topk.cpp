@@ -126,7 +126,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& scores,
     const scalar_t* a = attn.const_data_ptr<scalar_t>();
     const bool* pad = key_padding_mask.has_value() ? padded.const_data_ptr<bool>() : nullptr;
     int64_t* out = top.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, n * h * c, 4, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, n * h * c, grain_for(2 * s), [&](int64_t begin, int64_t end) {
       std::vector<Entry<scalar_t>> buf(s);
       std::vector<scalar_t> maxima(2 * s + 2);  // block maxima and their sorted copy (blocks <= s)
       for (int64_t row = begin; row < end; ++row)
