@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from .launch import log, mark_cancelled
-from .runs import CANCELLED, ENDED, lock_holder, read_jobs, read_result, record_jobs
+from .runs import CANCELLED, lock_holder, read_jobs, read_result, record_jobs
 from .spec import Run, Sweep
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING",
@@ -80,9 +80,9 @@ def cancel(sweep: Sweep, runs: list[Run], timeout_s: float = 120.0) -> int:
             return 1
     jobs = read_jobs(sweep)
     live: dict[str, tuple[Run, dict]] = {}
-    for run in runs:
+    for run in runs:  # every recorded job is checked (a result.json may be an earlier attempt's)
         entry = jobs.get(run.run_id)
-        if entry and (read_result(sweep, run) or {}).get("state") not in ENDED:
+        if entry and entry.get("cluster") in ("slurm", "local"):
             live[run.run_id] = (run, entry)
     slurm_ids = [str(e["job_id"]) for _, e in live.values() if e.get("cluster") == "slurm"]
     states = slurm_states(sweep, slurm_ids)
@@ -124,7 +124,7 @@ def cancel(sweep: Sweep, runs: list[Run], timeout_s: float = 120.0) -> int:
             if alive:
                 still.append((run, entry))
                 continue
-            mark_cancelled(sweep, run)
+            mark_cancelled(sweep, run, job_id)
             state = (read_result(sweep, run) or {}).get("state")
             extra = "" if state == CANCELLED else f" (it had already {state} on its own)"
             log(f"cancelled {run.run_id} (job {job_id}){_progress_of(sweep, run)}{extra}")

@@ -166,7 +166,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dry-run", action="store_true", help="print what would be launched, launch nothing")
     parser.add_argument("--progress-every", type=float, default=60.0, metavar="SECONDS",
                         help="while waiting, a progress line this often (default 60)")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)  # overrides may follow options, as in the README
 
 
 def main(argv: list[str] | None = None) -> int:

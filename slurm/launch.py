@@ -33,6 +33,12 @@ from .runs import (CANCELLED, FAILED, FINISHED, PENDING, REQUEUED, RUNNING, read
 from .spec import Run, Sweep, fairseq_argv
 
 UNSETTLED = (None, PENDING, RUNNING, REQUEUED)  # result.json states a vanished job leaves behind
+
+
+def settles(job_id: Any) -> Callable[[dict], bool]:
+    """Whether a result.json may take the ending of job ``job_id``: it is unsettled, or it is an
+    earlier job's (the job died before it could write its own)."""
+    return lambda data: data.get("state") in UNSETTLED or str(data.get("job_id")) != str(job_id)
 POLL_S = {"local": 0.5, "slurm": 2.0}
 
 
@@ -193,7 +199,8 @@ class Launch:
         job_log = Path(handle.paths.stderr) if hasattr(handle, "paths") else None
         log_path = train_log if train_log.is_file() else job_log
         result = read_result(self.sweep, run) or {}
-        state = result.get("state")
+        fresh = error is None or str(result.get("job_id")) == str(handle.job_id)  # else an earlier job's result
+        state = result.get("state") if fresh else None
         if error is None and state == FINISHED:
             return Outcome(run, FINISHED, f"{result.get('updates')} updates", train_log)
         if state == FAILED:  # fairseq failed and the job said so: its log's last line is the error
@@ -204,12 +211,12 @@ class Launch:
         entry = read_jobs(self.sweep).get(run.run_id, {})
         scheduler = str(getattr(handle, "state", "") or "")
         if entry.get("cancelled_at"):
-            mark_cancelled(self.sweep, run)
+            mark_cancelled(self.sweep, run, handle.job_id)
             return Outcome(run, CANCELLED, "cancelled (fairseq-sweep cancel or Ctrl-C); `run` resumes it", log_path)
         first = _last_line(str(error)) if error is not None else "no result"
         why = f"the job ended without a result (scheduler state {scheduler or 'unknown'}): {first}"
-        update_result(rdir / "result.json", only_if=UNSETTLED, state=FAILED, error=why,
-                      job_log=str(job_log) if job_log else None)  # fmt: skip
+        update_result(rdir / "result.json", when=settles(handle.job_id), state=FAILED, error=why, exit_code=None,
+                      job_id=handle.job_id, job_log=str(job_log) if job_log else None)  # fmt: skip
         remove_stale_temporaries(rdir)
         return Outcome(run, FAILED, why, job_log if job_log and job_log.is_file() else log_path)
 
@@ -347,22 +354,24 @@ class Launch:
         return [self.outcomes[r.run_id] for r in self.runs if r.run_id in self.outcomes]
 
 
-def mark_cancelled(sweep: Sweep, run: Run) -> dict:
-    """After the run's job is gone: ``cancelled`` in result.json (unless it ended on its own first),
-    with the interrupted attempt's wall time and the metrics logged so far; stale temporaries removed."""
+def mark_cancelled(sweep: Sweep, run: Run, job_id: Any) -> dict:
+    """After job ``job_id`` of the run is gone: ``cancelled`` in result.json (unless it ended on its
+    own first), with the interrupted attempt's wall time and the metrics logged so far; stale
+    temporaries removed."""
     rdir = run_dir(sweep, run)
     now = time.time()
     previous = read_result(sweep, run) or {}
-    fields: dict[str, Any] = {"state": CANCELLED, "cancelled_at": now, "error": None, "run_id": run.run_id}
+    fields: dict[str, Any] = {"state": CANCELLED, "cancelled_at": now, "error": None, "exit_code": None,
+                              "run_id": run.run_id, "job_id": job_id}  # fmt: skip
     started = previous.get("attempt_started_at")
-    if previous.get("state") == RUNNING and started:
+    if previous.get("state") == RUNNING and str(previous.get("job_id")) == str(job_id) and started:
         wall = float(previous.get("wall_time_s") or 0.0) + now - float(started)
         gpus = int(previous.get("gpus") or 0)
         fields.update(wall_time_s=round(wall, 2), gpu_hours=round(wall * gpus / 3600, 6))
     metric = {"metric": sweep.metric["name"], "split": sweep.metric["split"],
               "lower_is_better": sweep.metric["lower_is_better"]}  # fmt: skip
     fields.update({k: v for k, v in parse_log(rdir / "train.log", **metric).items() if v is not None})
-    data = update_result(rdir / "result.json", only_if=UNSETTLED, **fields)
+    data = update_result(rdir / "result.json", when=settles(job_id), **fields)
     remove_stale_temporaries(rdir)
     return data
 

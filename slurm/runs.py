@@ -25,13 +25,16 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from .spec import Run, Sweep
 
 FINISHED, FAILED, RUNNING, REQUEUED, PENDING = "finished", "failed", "running", "requeued", "pending"
 CANCELLED = "cancelled"
-ENDED = (FINISHED, FAILED, CANCELLED)  # a run in one of these states has no live job
+
+
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
 
 
 class LockedError(RuntimeError):
@@ -51,6 +54,7 @@ def write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes it 0600: results are for the whole team to read
         with os.fdopen(fd, "w") as handle:
             json.dump(data, handle, indent=2, sort_keys=True, default=str)
             handle.write("\n")
@@ -86,15 +90,15 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def update_result(path: Path, only_if: tuple | None = None, **fields: Any) -> dict:
+def update_result(path: Path, when: Callable[[dict], bool] | None = None, **fields: Any) -> dict:
     """Merge ``fields`` into the JSON file at ``path`` (atomic, locked).
 
-    ``only_if``: states (``None`` = no file or no state yet) in which the update applies; in any
-    other state the file is left alone. Returns the file's content afterwards.
+    ``when``: a test of the current content; when it fails the file is left alone (a job that
+    finished on its own is not overwritten by a late cancel). Returns the content afterwards.
     """
     with file_lock(path):
         data = read_json(path) or {}
-        if only_if is not None and data.get("state") not in only_if:
+        if when is not None and not when(data):
             return data
         data.update(fields)
         write_json(path, data)

@@ -94,6 +94,9 @@ def test_result_json_is_written_atomically(tmp_path):
     write_json(target, {"state": "finished", "updates": 3})
     assert json.loads(target.read_text()) == {"state": "finished", "updates": 3}
     assert [p.name for p in tmp_path.iterdir()] == ["result.json"]  # no temporary left behind
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's 0600: others may read results
 
 
 def test_unfinished_run_resumes_from_its_checkpoint(tmp_path, corpus):

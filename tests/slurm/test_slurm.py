@@ -1,24 +1,26 @@
 """The launcher against a real single-node SLURM (scripts/slurm_local.sh) with accounting.
 
-Covers: a job array with 2 gloo tasks per job, preemption through submitit's checkpoint path
-(job._interrupt -> requeue -> resume), a real timeout requeue, fake-GPU GRES scheduling, re-run
-idempotency and a failing arm. Every wait has a deadline.
+Covers: job arrays per resource set (2 gloo tasks per job, an arm with 1), preemption through
+submitit's checkpoint path (job._interrupt -> requeue -> resume), a real timeout requeue, fake-GPU
+GRES scheduling, re-run idempotency, a failing arm (exit status 1), and cancelling a running array
+that a `run --wait` watches, then resuming it. Every wait has a deadline.
 """
 
 from __future__ import annotations
 
 import json
 import re
+import subprocess
 import time
 
 import pytest
 
-from slurm.cli import make_executor
+from slurm.cancel import slurm_states
 from slurm.job import TrainJob, probe
+from slurm.launch import job_spec, make_executor
 from slurm.spec import load
-from slurm.cli import job_spec
 
-from .conftest import run_cli, tiny_sweep, wait_done
+from .conftest import PY, REPO, last_saved, processes_mentioning, run_cli, tiny_sweep, wait_done
 
 pytestmark = pytest.mark.slurm
 
@@ -27,16 +29,25 @@ def _result(sweep_dir, run_id) -> dict:
     return json.loads((sweep_dir / run_id / "result.json").read_text())
 
 
-def test_job_array_two_gloo_tasks_report_rerun_and_failure(tmp_path, corpus, slurm_cluster):
+def test_job_arrays_per_resources_two_gloo_tasks_report_rerun_and_failure(tmp_path, corpus, slurm_cluster):
+    # The sweep runs 2 tasks per job; the failing arm overrides it to 1: two job arrays.
     path = tiny_sweep(tmp_path / "s.yaml", corpus, name="arr", grid={"arch": ["softmax_transformer", "clustered_transformer"]},
-                      arms=[{"name": "ok"}, {"name": "bad", "hash_bits": 64}], resources__tasks_per_node=2)  # fmt: skip
-    proc = run_cli(["run", str(path), "--cluster", "slurm", "--wait"], timeout=420)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+                      arms=[{"name": "ok"}, {"name": "bad", "hash_bits": 64, "resources": {"tasks_per_node": 1}}],
+                      resources__tasks_per_node=2)  # fmt: skip
+    proc = run_cli(["run", str(path), "--cluster", "slurm", "--wait", "--progress-every", "5"], timeout=420)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]  # the bad arm failed
     sweep_dir = tmp_path / "sweeps" / "arr"
+    summary = [line.strip() for line in proc.stdout.split("2 of 4 launched run(s) did not finish:")[1].strip().splitlines()]
+    assert [line.split()[:2] for line in summary] == [["FAILED", "bad_softmax_s1:"], ["FAILED", "bad_clustered_s1:"]]
+    assert all("--hash-bits" in line and line.endswith("/train.log") for line in summary), summary
+    assert re.search(r"\[sweep\] \d+m\d+s: .*running \(", proc.stdout), proc.stdout  # progress while waiting
     jobs = json.loads((sweep_dir / "jobs.json").read_text())
     ids = {run: entry["job_id"] for run, entry in jobs.items()}
-    assert all(re.fullmatch(r"\d+_\d", i) for i in ids.values()), ids  # one job array
-    assert len({i.split("_")[0] for i in ids.values()}) == 1
+    assert all(re.fullmatch(r"\d+_\d", i) for i in ids.values()), ids  # job arrays
+    arrays = {run: i.split("_")[0] for run, i in ids.items()}
+    assert arrays["ok_softmax_s1"] == arrays["ok_clustered_s1"] != arrays["bad_softmax_s1"] == arrays["bad_clustered_s1"]
+    assert proc.stdout.count("submitted job array") == 2 and "1 node x 2 tasks" in proc.stdout
+    assert _result(sweep_dir, "bad_softmax_s1")["world_size"] == 1
     for run_id in ("ok_softmax_s1", "ok_clustered_s1"):
         result = _result(sweep_dir, run_id)
         assert result["state"] == "finished" and result["updates"] == 8 and result["world_size"] == 2, result
@@ -107,3 +118,56 @@ def test_gpus_per_node_become_tasks_with_gres(tmp_path, corpus, slurm_cluster):
     assert [r["local_rank"] for r in seen] == [0, 1]
     assert all(r["slurm_gpus_on_node"] == "2" for r in seen), seen
     assert all(r["cuda_visible_devices"] for r in seen)
+
+
+def test_cancel_a_watched_array_then_resume(tmp_path, corpus, slurm_cluster):
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="scan", budget={"max_update": 100000, "wall_minutes": 3},
+                      fairseq__validate_interval_updates=1000)  # fmt: skip
+    sweep_dir = tmp_path / "sweeps" / "scan"
+    runs = ("softmax_s1", "clustered_s1")
+    watcher = subprocess.Popen([PY, "-m", "slurm", "run", str(path), "--cluster", "slurm", "--wait"], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.time() + 180
+        while not all((sweep_dir / r / "checkpoints" / "checkpoint_last.pt").is_file() for r in runs):
+            assert watcher.poll() is None and time.time() < deadline, "the jobs did not get to a checkpoint"
+            time.sleep(0.5)
+        status = run_cli(["status", str(path)], timeout=120)
+        assert status.stdout.count("running (slurm: RUNNING)") == 2, status.stdout
+        cancel = run_cli(["cancel", str(path)], timeout=180)
+        out, _ = watcher.communicate(timeout=180)
+    finally:
+        if watcher.poll() is None:
+            watcher.kill()
+    assert cancel.returncode == 0, cancel.stdout + cancel.stderr[-2000:]
+    ids = {r: e["job_id"] for r, e in json.loads((sweep_dir / "jobs.json").read_text()).items()}
+    assert f"scancel {ids['softmax_s1']} {ids['clustered_s1']}" in cancel.stdout
+    assert all(re.search(rf"cancelled {r} \(job {ids[r]}\) at \d+ updates", cancel.stdout) for r in runs), cancel.stdout
+    assert all(s.startswith("CANCELLED") for s in slurm_states(load(path), list(ids.values())).values())
+    # The watching launch saw the jobs end and says so, with a non-zero exit.
+    assert watcher.returncode == 1, out[-3000:]
+    assert "2 of 2 launched run(s) did not finish" in out and out.count("  CANCELLED ") == 2, out[-3000:]
+    saved = {}
+    for run_id in runs:
+        result = _result(sweep_dir, run_id)
+        assert result["state"] == "cancelled" and result["attempts"] == 1 and result["updates"] >= 4, result
+        assert result["wall_time_s"] > 0 and result["cancelled_at"] > 0
+        saved[run_id] = last_saved((sweep_dir / run_id / "train.log").read_text())
+    assert processes_mentioning(str(sweep_dir)) == []
+    assert list(sweep_dir.rglob("*.tmp")) == [] and not [p for p in sweep_dir.rglob(".result.json.*") if p.suffix != ".lock"]
+    status = run_cli(["status", str(path)], timeout=120)
+    assert "2 runs: 2 cancelled" in status.stdout, status.stdout
+    # Submit without waiting; the runs resume from their last checkpoints and finish.
+    target = max(saved.values()) + 4
+    resume = run_cli(["run", str(path), "--cluster", "slurm", f"budget.max_update={target}"], timeout=120)
+    assert resume.returncode == 0 and "2 to launch" in resume.stdout and "submitted, not waiting" in resume.stdout
+    deadline = time.time() + 240
+    while not all(_result(sweep_dir, r)["state"] in ("finished", "failed") for r in runs):
+        assert time.time() < deadline, [_result(sweep_dir, r)["state"] for r in runs]
+        time.sleep(1)
+    for run_id in runs:
+        result = _result(sweep_dir, run_id)
+        assert result["state"] == "finished" and result["attempts"] == 2 and result["updates"] == target, result
+        log = (sweep_dir / run_id / "train.log").read_text().split("===== attempt 2")[1]
+        loaded = re.findall(r"Loaded checkpoint \S+ \(epoch \d+ @ (\d+) updates\)", log)
+        assert loaded and int(loaded[0]) >= saved[run_id], (run_id, loaded, saved)

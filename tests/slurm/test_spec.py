@@ -134,7 +134,8 @@ def test_arm_resources_override_and_split_job_groups(tmp_path, corpus):
 def test_dry_run_shows_trials_and_job_arrays(tmp_path, corpus):
     path = tiny_sweep(tmp_path / "s.yaml", corpus, name="dry", grid={"arch": ["softmax_transformer", "clustered_transformer"],
                       "clusters": [2, 4]}, arms=[{"name": "a"}, {"name": "b", "resources": {"tasks_per_node": 2}}])  # fmt: skip
-    args = ["run", str(path), "--cluster", "slurm", "--dry-run", "--num-trials", "3", "--trials-seed", "5"]
+    # Dotlist overrides may come after options (as in the README's examples).
+    args = ["run", str(path), "--cluster", "slurm", "--dry-run", "--num-trials", "3", "fairseq.lr=0.002", "--trials-seed", "5"]
     first, again = run_cli(args, timeout=120), run_cli(args, timeout=120)
     assert first.returncode == 0, first.stderr[-2000:]
     commands = [line for line in first.stdout.splitlines() if "fairseq-train" in line]
@@ -147,7 +148,7 @@ def test_dry_run_shows_trials_and_job_arrays(tmp_path, corpus):
     assert all(any(arrays[c[0]] in h for h in headers) for c in chosen)
     for line in commands:
         run_id = line.split()[0]
-        assert f"/dry/{run_id}/checkpoints" in line and "--seed 1" in line
+        assert f"/dry/{run_id}/checkpoints" in line and "--seed 1" in line and " --lr 0.002 " in line
     assert not (tmp_path / "sweeps" / "dry" / "jobs.json").exists()  # nothing launched
     status = run_cli(["status", str(path), "--num-trials", "3", "--trials-seed", "5"], timeout=120)
     listed = [line.split()[0] for line in status.stdout.splitlines()[2:] if line.strip() and not line.startswith("3 runs")]
