@@ -28,6 +28,7 @@ from .spec import Run, Sweep
 
 ALIVE = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "CONFIGURING", "COMPLETING", "RESIZING",
          "SUSPENDED", "SIGNALING", "STAGE_OUT"}  # fmt: skip
+SACCT_LAG_S = 60  # a job submitted this recently and not yet in sacct is taken as queued
 
 
 def slurm_states(sweep: Sweep, job_ids: list[str]) -> dict[str, str]:
@@ -89,9 +90,12 @@ def cancel(sweep: Sweep, runs: list[Run], timeout_s: float = 120.0) -> int:
     targets: list[tuple[Run, dict]] = []
     for run, entry in live.values():
         cluster, job_id = entry.get("cluster"), str(entry.get("job_id"))
-        if (cluster == "slurm" and is_alive(states.get(job_id))) or (
-            cluster == "local" and local_controller_alive(sweep, job_id)
-        ):
+        if cluster == "slurm":
+            state = (states.get(job_id) or "UNKNOWN").split()[0]
+            fresh = time.time() - float(entry.get("submitted") or 0) < SACCT_LAG_S  # sacct may not list it yet
+            if is_alive(state) or (state == "UNKNOWN" and fresh):
+                targets.append((run, entry))
+        elif cluster == "local" and local_controller_alive(sweep, job_id):
             targets.append((run, entry))
     by_launch = [r for r in runs if float((read_result(sweep, r) or {}).get("cancelled_at") or 0) >= t0
                  and (read_result(sweep, r) or {}).get("state") == CANCELLED]  # fmt: skip
@@ -104,11 +108,14 @@ def cancel(sweep: Sweep, runs: list[Run], timeout_s: float = 120.0) -> int:
     record_jobs(sweep, {run.run_id: {"cancelled_at": time.time()} for run, _ in targets}, merge=True)
     ids = [str(e["job_id"]) for _, e in targets if e["cluster"] == "slurm"]
     if ids:
-        proc = subprocess.run(["scancel", *ids], capture_output=True, text=True)
-        if proc.returncode != 0:
-            log(f"scancel {' '.join(ids)} failed: {proc.stderr.strip()}")
+        try:
+            proc = subprocess.run(["scancel", *ids], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.TimeoutExpired) as err:
+            log(f"scancel {' '.join(ids)} could not run: {err}")
             return 1
         log(f"scancel {' '.join(ids)}")
+        if proc.returncode != 0:  # e.g. a job that ended meanwhile; the wait below tells what is left
+            log(f"scancel said: {' | '.join(proc.stderr.strip().splitlines()[:3])}")
     for run, entry in targets:
         if entry["cluster"] == "local":
             os.kill(int(entry["job_id"]), signal.SIGINT)  # submitit's controller: SIGINT, then SIGKILL its tasks

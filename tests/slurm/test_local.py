@@ -192,3 +192,25 @@ def test_cancel_stops_a_local_launch_and_run_resumes(tmp_path, corpus):
     assert loaded and int(loaded[-1]) >= saved, loaded
     other = json.loads((sweep_dir / "clustered_s1" / "result.json").read_text())
     assert other["state"] == "finished" and other["attempts"] == 1 and other["updates"] == saved + 4
+
+
+def test_truncated_last_checkpoint_is_restored_from_the_newest_intact_one(tmp_path):
+    import torch
+
+    from slurm.job import repair_last_checkpoint
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    assert repair_last_checkpoint(folder) is None  # nothing to resume: nothing to do
+    torch.save({"updates": 8}, folder / "checkpoint_1_8.pt")
+    torch.save({"updates": 4}, folder / "checkpoint_best.pt")
+    os.utime(folder / "checkpoint_best.pt", (time.time() + 5, time.time() + 5))  # newer, but a best one
+    whole = (folder / "checkpoint_1_8.pt").read_bytes()
+    (folder / "checkpoint_last.pt").write_bytes(whole)
+    assert repair_last_checkpoint(folder) is None  # intact: left alone
+    (folder / "checkpoint_last.pt").write_bytes(whole[: len(whole) // 2])  # a copy killed half-way
+    note = repair_last_checkpoint(folder)
+    assert note and "restored from checkpoint_1_8.pt" in note, note
+    assert torch.load(folder / "checkpoint_last.pt") == {"updates": 8}
+    assert (folder / "checkpoint_last.pt.broken").stat().st_size == len(whole) // 2
+    assert not list(folder.glob("*.tmp"))
