@@ -43,7 +43,13 @@ log "installing fairseq-clustered-attention and its pinned dependencies"
 # torch installed above (an isolated build would fetch another torch to compile against).
 "${pip[@]}" install ninja==1.13.0
 "${pip[@]}" install --no-warn-conflicts --no-build-isolation -e '.[test]'
-build_ops  # a failed build is only a warning inside pip (the ops would fall back): fail here instead
+# pip built the ops above, but a failed build is only a warning inside pip (the ops would fall
+# back to the reference): check that they load, and rebuild here, loudly, if they do not.
+if "$VENV/bin/python" -c 'import torch, importlib.util as u, sys; s = u.find_spec("fairseq_plugin._C"); sys.exit(s is None or torch.ops.load_library(s.origin))' 2>/dev/null; then
+    find csrc setup.py -type f | sort | xargs cat | sha256sum | cut -c1-16 > "$VENV/.ops-stamp"
+else
+    build_ops
+fi
 log "installing the experiments' pinned packages (requirements/experiments*.txt)"
 "${pip[@]}" install --no-warn-conflicts -r requirements/experiments.txt
 "${pip[@]}" install --no-deps --no-warn-conflicts -r requirements/experiments-nodeps.txt

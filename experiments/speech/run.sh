@@ -14,7 +14,7 @@ SWEEP=experiments/speech/sweep.yaml
 bash scripts/speech_deps.sh
 export TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1
 start=$(date +%s)
-"$PY" -m slurm run "$SWEEP" "$@"
+"$PY" -m slurm run "$SWEEP" "$@" || echo "[speech] some runs did not finish (listed above); reporting the rest"
 "$PY" -m slurm report "$SWEEP" "$@"
 "$PY" -m experiments.speech.evaluate "$SWEEP" "$@"
 echo "[speech] done in $(( $(date +%s) - start )) s"
