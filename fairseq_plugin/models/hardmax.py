@@ -5,7 +5,7 @@
 
 Each layer is z_i <- (z_i + alpha * attn_i(z)) / (1 + alpha) with attn_i the hardmax attention of
 DESIGN.md §2 on the scores <A z_i, z_j>, where A = B Bᵀ + eps I is symmetric positive definite and
-B and alpha > 0 (through log alpha) are trained. There is no FFN, no projection, no position
+B and alpha > 0 (through log alpha) are trained (``--train-alpha false`` fixes alpha). There is no FFN, no projection, no position
 encoding: the model sees a bag of words. Training uses the low-temperature softmax
 softmax(<A z_i, z_j> / T) (``--hardmax-temperature``, 0.001; scores in float32 or wider), and
 ``model.eval()`` the exact hardmax. Padding and the ``</s>`` that fairseq-preprocess appends take
@@ -18,7 +18,8 @@ architectures that differ only in the attention:
     softmax_pure_attention   the same model with softmax(τ <A z_i, z_j>), τ = --softmax-temp or 1/sqrt(d)
 
 Model options (defaults in :data:`MODEL_OPTIONS`, the one place they are set): ``--encoder-embed-dim``
-(d, 16), ``--encoder-layers`` (8), ``--hardmax-alpha`` (initial alpha, 1.0), ``--spd-eps`` (0.01),
+(d, 16), ``--encoder-layers`` (8), ``--hardmax-alpha`` (initial alpha, 1.0), ``--train-alpha`` (true;
+false keeps alpha fixed), ``--spd-eps`` (0.01),
 ``--embed-init-std`` (1.0); and the attention options of :mod:`fairseq_plugin.config`
 (``--attention-type``, ``--hardmax-temperature``, ``--hardmax-tie-tolerance``, ``--softmax-temp``,
 ``--attention-stats``).
@@ -35,7 +36,7 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from torch import Tensor, nn
 
 from .. import ops
-from ..config import AttentionConfig, add_attention_args, apply_attention_defaults
+from ..config import AttentionConfig, _bool, add_attention_args, apply_attention_defaults
 
 PURE_ATTENTION_TYPES = ("hardmax", "softmax")
 
@@ -43,7 +44,8 @@ PURE_ATTENTION_TYPES = ("hardmax", "softmax")
 MODEL_OPTIONS: Dict[str, tuple] = {
     "encoder_embed_dim": (16, int, "token dimension d (the paper: 2, 4, 8 or 16)"),
     "encoder_layers": (8, int, "pure-attention layers, all sharing one weight set (A, alpha)"),
-    "hardmax_alpha": (1.0, float, "initial step alpha > 0 of z <- (z + alpha attn(z)) / (1 + alpha) (trained)"),
+    "hardmax_alpha": (1.0, float, "step alpha > 0 of z <- (z + alpha attn(z)) / (1 + alpha): its initial value"),
+    "train_alpha": (True, _bool, "train alpha (true) or keep it fixed at --hardmax-alpha (false)"),
     "spd_eps": (0.01, float, "A = B Bᵀ + eps I: the floor eps > 0 on A's eigenvalues"),
     "embed_init_std": (1.0, float, "standard deviation of the initial token embeddings"),
 }
@@ -60,12 +62,13 @@ class Trajectory(NamedTuple):
 class SharedPureAttention(nn.Module):
     """One pure-attention layer z <- (z + alpha attn(z)) / (1 + alpha); applied ``layers`` times."""
 
-    def __init__(self, dim: int, cfg: AttentionConfig, alpha: float, spd_eps: float):
+    def __init__(self, dim: int, cfg: AttentionConfig, alpha: float, spd_eps: float, train_alpha: bool = True):
         super().__init__()
         self.cfg = cfg
         self.spd_eps = spd_eps
         self.factor = nn.Parameter(torch.eye(dim))  # B; A = B Bᵀ + eps I starts at (1 + eps) I
-        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)))
+        # a parameter either way (same checkpoint layout); fairseq optimises only requires_grad ones
+        self.log_alpha = nn.Parameter(torch.tensor(math.log(alpha)), requires_grad=train_alpha)
 
     @property
     def alpha(self) -> Tensor:
@@ -78,7 +81,8 @@ class SharedPureAttention(nn.Module):
     def extra_repr(self) -> str:
         cfg = self.cfg
         extra = f", temperature={cfg.hardmax_temperature} (training; exact in eval)" if cfg.attention_type == "hardmax" else ""
-        return f"attention_type={cfg.attention_type}, spd_eps={self.spd_eps}{extra}"
+        trained = "trained" if self.log_alpha.requires_grad else "fixed"
+        return f"attention_type={cfg.attention_type}, spd_eps={self.spd_eps}, alpha {trained}{extra}"
 
     def forward(self, z: Tensor, ignored: Tensor, exact: bool, return_leaders: bool = False):
         """z (N, L, d), ignored (N, L) True = no part. Returns z' (N, L, d) [, leaders (N, L)]."""
@@ -128,15 +132,16 @@ class PureAttentionModel(BaseFairseqModel):
         nn.init.normal_(self.embed_tokens.weight, std=float(args.embed_init_std))
         with torch.no_grad():
             self.embed_tokens.weight[dictionary.pad()].zero_()
-        self.layer = SharedPureAttention(dim, self.attention_cfg, float(args.hardmax_alpha), float(args.spd_eps))
+        self.layer = SharedPureAttention(dim, self.attention_cfg, float(args.hardmax_alpha), float(args.spd_eps),
+                                         train_alpha=_bool(args.train_alpha))  # fmt: skip
         self.classification_heads = nn.ModuleDict()
         self._max_positions = getattr(args, "max_positions", None)
 
     @staticmethod
     def add_args(parser) -> None:
         for name, (default, kind, text) in MODEL_OPTIONS.items():
-            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=kind.__name__.upper(),
-                                help=f"{text} (default: {default})")  # fmt: skip
+            metavar = "{true,false}" if kind is _bool else kind.__name__.upper()
+            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=metavar, help=f"{text} (default: {default})")
         add_attention_args(parser)
 
     @classmethod
