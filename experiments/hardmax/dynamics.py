@@ -6,8 +6,8 @@ layers with :func:`fairseq_plugin.ops.hardmax_attention` (``alpha``, ``qk_matrix
 for several alpha and A (identity, random SPD). For every case it checks, without trusting the
 theory:
 
-- *converged*: every token is within ``tol`` of its limit leader (the member of its limit cluster
-  that settled first), and the distinct limit points are strict leaders of the limit configuration
+- *converged*: every token is within ``tol`` of its limit leader (of the tokens it attends to in the
+  last layer, the one that stopped moving first), and the distinct limit points are strict leaders of the limit configuration
   (<A p, p> > <A p, q> for every other limit point q: a clustered equilibrium, every point a fixed point);
 - *contraction*: in the tail, ||z_i(t+1) - z_i(T)|| / ||z_i(t) - z_i(T)|| against 1/(1+alpha);
 - *initial leaders?*: whether every limit point is the initial position of an initial strict leader,
@@ -89,18 +89,6 @@ def strict_leaders(z: Tensor, A: Optional[Tensor]) -> Tensor:
     return s.diagonal() > off.amax(-1)
 
 
-def limit_clusters(z: Tensor, tol: float = TOL) -> Tensor:
-    """(T,) cluster label per point: points closer than ``tol`` (transitively) share a label."""
-    close = torch.cdist(z, z) < tol
-    labels = torch.arange(len(z))
-    for _ in range(len(z)):  # propagate the smallest index through the closeness graph
-        new = torch.where(close, labels.unsqueeze(0), len(z)).amin(-1)
-        if torch.equal(new, labels):
-            break
-        labels = new
-    return labels
-
-
 def settle_layer(traj: Tensor, tol: float = 1e-13) -> Tensor:
     """(T,) the first layer from which each token stays within ``tol`` of its final position.
 
@@ -116,26 +104,32 @@ def analyse(case: Case, sim: Simulation, index: int = 0, tail_band=(1e-10, 1e-2)
     traj, lead = sim.traj[:, index], sim.leaders[:, index]  # (layers+1, T, d), (layers, T)
     layers, n, d = traj.shape[0] - 1, traj.shape[1], traj.shape[2]
     final = traj[-1]
-    labels = limit_clusters(final)
-    clusters = labels.unique()
     settled = settle_layer(traj)
-    # the limit leader of a cluster: its member that settled first (ties: lowest index)
-    leader_of = {}
-    for c in clusters.tolist():
-        members = (labels == c).nonzero().flatten()
-        leader_of[c] = int(members[settled[members].argmin()])
-    limit_leader = torch.tensor([leader_of[c] for c in labels.tolist()])
+    # the limit leader of token i: among the tokens it attends to in the last layer (computed here,
+    # not by the op), the one that settled first. A follower still on its way points at its target;
+    # a collapsed cluster (exact ties) points at the member that stopped moving first.
+    z_in = traj[-2]
+    scores = (z_in if case.A is None else z_in @ case.A) @ z_in.T  # (T, T)
+    sets = scores >= scores.amax(-1, keepdim=True)
+    limit_leader = torch.tensor([int(m[settled[m].argmin()]) for m in (row.nonzero().flatten() for row in sets)])
+    leader_tokens = limit_leader.unique().tolist()
     dist_t = (traj - traj[:, limit_leader]).norm(dim=-1).amax(-1)  # (layers+1,) max over tokens
     max_dist = float(dist_t[-1])
     within = (dist_t < TOL).nonzero().flatten()
     layers_to_tol = int(within[0]) if len(within) and bool((dist_t[within[0]:] < TOL).all()) else None
-    points = final[torch.tensor(sorted(leader_of.values()))]
+    # limit points: the leader tokens' final positions, one per place (tokens an ulp apart may each
+    # lead themselves); the earliest-settled token represents a place
+    kept: List[int] = []
+    for j in sorted(leader_tokens, key=lambda j: (int(settled[j]), j)):
+        if all(float((final[j] - final[k]).norm()) >= TOL for k in kept):
+            kept.append(j)
+    leader_tokens = sorted(kept)
+    points = final[torch.tensor(leader_tokens)]
     equilibrium = bool(strict_leaders(points, case.A).all()) if len(points) > 1 else True
     fixed = float((traj[-1] - traj[-2]).abs().max())
 
     initial = lead[0].nonzero().flatten().tolist()
     at_initial = torch.cdist(points, traj[0][initial]).amin(-1) < TOL if initial else torch.zeros(len(points), dtype=torch.bool)
-    leader_tokens = sorted(leader_of.values())
     new = [j for j, ok in zip(leader_tokens, at_initial.tolist()) if not ok]
     emerged = {}
     for j in new:

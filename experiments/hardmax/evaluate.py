@@ -30,7 +30,7 @@ import torch
 
 HEAD = "sentence_classification_head"
 PAPER_IMDB = {2: 79.0, 4: 82.0, 8: 85.0, 16: 88.0}  # hardmax test accuracy, d = 2/4/8/16 (DESIGN.md §2)
-COLUMNS = ["run_id", "attention", "d", "seed", "updates", "best_epoch_valid_acc", "valid_acc", "test_acc",
+COLUMNS = ["run_id", "attention", "variant", "d", "seed", "updates", "best_epoch_valid_acc", "valid_acc", "test_acc",
            "test_acc_train_attention", "alpha", "wall_time_s", "git_commit"]  # fmt: skip
 
 
@@ -82,6 +82,14 @@ def logits_of(model, tokens: List[torch.Tensor], pad: int, batch: int = 256, exa
     return torch.cat(out)
 
 
+def variant(model) -> str:
+    """The attention type, and whether alpha was trained or fixed."""
+    kind = model.attention_cfg.attention_type
+    if model.layer.log_alpha.requires_grad:
+        return f"{kind}, alpha trained"
+    return f"{kind}, alpha fixed at {float(model.layer.alpha.detach()):g}"
+
+
 def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
     return 100.0 * float((logits.argmax(-1) == labels).double().mean())
 
@@ -96,14 +104,14 @@ def _mean_std(values: List[float]) -> str:
 
 
 def markdown(rows: List[dict]) -> str:
-    lines = ["| attention | d | seeds | valid acc (%) | test acc (%) | test acc, training attention (%) | paper, IMDb hardmax (%) |",
+    lines = ["| model | d | seeds | valid acc (%) | test acc (%) | test acc, training attention (%) | paper, IMDb hardmax (%) |",
              "|---|---|---|---|---|---|---|"]  # fmt: skip
     groups: Dict[tuple, List[dict]] = {}
     for row in rows:
-        groups.setdefault((row["attention"], row["d"]), []).append(row)
-    for (attention, d), group in sorted(groups.items(), key=lambda kv: (kv[0][0] != "hardmax", kv[0][1])):
-        paper = f"{PAPER_IMDB[d]:.0f}" if attention == "hardmax" and d in PAPER_IMDB else "–"
-        lines.append(f"| {attention} | {d} | {len(group)} | {_mean_std([r['valid_acc'] for r in group])} | "
+        groups.setdefault((row["variant"], row["d"]), []).append(row)
+    for (name, d), group in sorted(groups.items(), key=lambda kv: (not kv[0][0].startswith("hardmax"), kv[0])):
+        paper = f"{PAPER_IMDB[d]:.0f}" if name.startswith("hardmax") and d in PAPER_IMDB else "–"
+        lines.append(f"| {name} | {d} | {len(group)} | {_mean_std([r['valid_acc'] for r in group])} | "
                      f"{_mean_std([r['test_acc'] for r in group])} | "
                      f"{_mean_std([r['test_acc_train_attention'] for r in group])} | {paper} |")  # fmt: skip
     lines += ["", "| run | valid acc (best epoch, fairseq) | valid acc (recomputed) | test acc | alpha | updates | wall (s) |",
@@ -132,7 +140,7 @@ def evaluate_run(checkpoint: Path, data: Path) -> dict:
     row = {"valid_acc": accuracy(logits_of(model, valid.tokens, pad), valid.labels),
            "test_acc": accuracy(logits_of(model, test.tokens, pad), test.labels),
            "alpha": float(model.layer.alpha.detach()), "d": model.embed_tokens.embedding_dim,
-           "attention": model.attention_cfg.attention_type}  # fmt: skip
+           "attention": model.attention_cfg.attention_type, "variant": variant(model)}  # fmt: skip
     row["test_acc_train_attention"] = (accuracy(logits_of(model, test.tokens, pad, exact=False), test.labels)
                                        if row["attention"] == "hardmax" else float("nan"))  # fmt: skip
     return row

@@ -1,16 +1,17 @@
 """Which words lead? Hardmax leaders of the trained sentiment models (docs/results.md section 3).
 
-Runs after the sweep (``experiments/hardmax/sentiment.yaml``, same overrides). For each d it takes
-the hardmax run with the best valid accuracy, classifies the test split with the exact hardmax, keeps
+Runs after the sweep (``experiments/hardmax/sentiment.yaml``, same overrides). For each hardmax arm
+and d it takes the run with the best valid accuracy, classifies the test split with the exact hardmax, keeps
 the *confident correct* sentences (right label, probability >= ``--confidence``), and counts the
 tokens that are leaders at the last layer (in their own attention set at the input of layer L).
 A word counts once per sentence. The leader rate is the fraction of those sentences containing the
 word in which it leads.
 
-Writes under ``<sweep dir>/leaders/``: ``leader_words_d<d>.csv`` and ``leader_words_d<d>.png`` (the
-most frequent leader words of positive and of negative sentences), and for d = 2 ``tokens_d2.png``
-(tokens of test sentences at layer 0 and at the last layer, coloured by label, with the classifier's
-decision line) and ``tokens_d2_examples.png`` (four sentences, word by word).
+Writes under ``<sweep dir>/leaders/``, per hardmax arm and d (``<tag>`` = ``<arm>_d<d>``):
+``leader_words_<tag>.csv`` and ``leader_words_<tag>.png`` (the most frequent leader words of positive
+and of negative sentences), and for d = 2 ``tokens_<tag>.png`` (tokens of test sentences at layer 0
+and at the last layer, coloured by label, with the classifier's decision line) and
+``tokens_<tag>_examples.png`` (four sentences, word by word).
 
     python -m experiments.hardmax.leaders experiments/hardmax/sentiment.yaml [OVERRIDES ...]
 """
@@ -180,11 +181,11 @@ def plot_examples(model, result: dict, dictionary, path: Path, count: int = 4, m
     plt.close(fig)
 
 
-def best_runs(sweep) -> Dict[int, tuple]:
-    """d -> (run, checkpoint) of the finished hardmax run with the best valid accuracy."""
+def best_runs(sweep) -> Dict[tuple, tuple]:
+    """(arm label, d) -> (run, checkpoint, valid accuracy) of the best finished hardmax run."""
     from slurm.runs import FINISHED, read_result, run_dir
 
-    best: Dict[int, tuple] = {}
+    best: Dict[tuple, tuple] = {}
     for run in sweep.runs():
         if run.attention != "hardmax":
             continue
@@ -193,8 +194,9 @@ def best_runs(sweep) -> Dict[int, tuple]:
         if result.get("state") != FINISHED or not checkpoint.is_file() or result.get("best_metric") is None:
             continue
         d = int(run.args.get("encoder_embed_dim", 16))
-        if d not in best or result["best_metric"] > best[d][2]:
-            best[d] = (run, checkpoint, result["best_metric"])
+        key = (run.arm.rsplit("_encoder_embed_dim", 1)[0], d)
+        if key not in best or result["best_metric"] > best[key][2]:
+            best[key] = (run, checkpoint, result["best_metric"])
     return best
 
 
@@ -217,30 +219,31 @@ def main(argv: Optional[List[str]] = None) -> dict:
     out = sweep.dir / "leaders"
     out.mkdir(parents=True, exist_ok=True)
     summary = {}
-    for d, (run, checkpoint, valid) in sorted(best.items()):
-        print(f"[leaders] d={d}: {run.run_id} (valid accuracy {valid}), {args.split} split", file=sys.stderr, flush=True)
+    for (arm, d), (run, checkpoint, valid) in sorted(best.items()):
+        tag = f"{arm}_d{d}"
+        print(f"[leaders] {tag}: {run.run_id} (valid accuracy {valid}), {args.split} split", file=sys.stderr, flush=True)
         model, task = load_model(checkpoint, sweep.data_path)
         split = read_split(task, args.split)
         result = analyse(model, task, split, args.confidence)
         counts = leader_counts(result, task.source_dictionary)
-        rows = write_counts(counts, out / f"leader_words_d{d}.csv")
+        rows = write_counts(counts, out / f"leader_words_{tag}.csv")
         kept = int(result["confident"].sum())
         title = (f"d = {d} hardmax ({run.run_id}): last-layer leaders in {kept} confident (p >= {args.confidence}) "
                  f"correct {args.split} sentences")  # fmt: skip
-        plot_counts(counts, title, out / f"leader_words_d{d}.png")
+        plot_counts(counts, title, out / f"leader_words_{tag}.png")
         tokens = sum(len(t) for i, t in enumerate(result["tokens"]) if result["confident"][i])
         lead = sum(int(result["leaders"][i].sum()) for i in result["confident"].nonzero().flatten().tolist())
-        summary[d] = {"run": run.run_id, "confident_correct": kept, "sentences": len(split.labels),
+        summary[tag] = {"run": run.run_id, "confident_correct": kept, "sentences": len(split.labels),
                       "leaders_per_sentence": round(lead / max(kept, 1), 2), "leader_fraction": round(lead / max(tokens, 1), 3),
                       "top_positive": [r["word"] for r in rows if r["label"] == "positive"][:15],
                       "top_negative": [r["word"] for r in rows if r["label"] == "negative"][:15]}  # fmt: skip
-        print(f"[leaders] d={d}: {kept}/{len(split.labels)} confident correct; leaders per sentence "
-              f"{summary[d]['leaders_per_sentence']}; positive: {' '.join(summary[d]['top_positive'][:10])}; "
-              f"negative: {' '.join(summary[d]['top_negative'][:10])}", file=sys.stderr, flush=True)  # fmt: skip
+        print(f"[leaders] {tag}: {kept}/{len(split.labels)} confident correct; leaders per sentence "
+              f"{summary[tag]['leaders_per_sentence']}; positive: {' '.join(summary[tag]['top_positive'][:10])}; "
+              f"negative: {' '.join(summary[tag]['top_negative'][:10])}", file=sys.stderr, flush=True)  # fmt: skip
         if d == 2:
-            plot_tokens(model, result, split.labels, task.source_dictionary, out / "tokens_d2.png")
-            plot_examples(model, result, task.source_dictionary, out / "tokens_d2_examples.png")
-    (out / "summary.json").write_text(json.dumps({"confidence": args.confidence, "split": args.split, "by_d": summary},
+            plot_tokens(model, result, split.labels, task.source_dictionary, out / f"tokens_{tag}.png")
+            plot_examples(model, result, task.source_dictionary, out / f"tokens_{tag}_examples.png")
+    (out / "summary.json").write_text(json.dumps({"confidence": args.confidence, "split": args.split, "by_run": summary},
                                                  indent=1) + "\n")  # fmt: skip
     print(f"[leaders] wrote {out}", file=sys.stderr)
     return summary
