@@ -73,11 +73,16 @@ def simulate(z0: Tensor, alpha: float, A: Optional[Tensor], layers: int) -> Simu
     z = z0 if z0.dim() == 3 else z0.unsqueeze(0)
     z = z.unsqueeze(1)  # (B, 1, T, d): one head
     traj, leaders, sizes = [z[:, 0]], [], []
-    for _ in range(layers):
-        z, info = hardmax_attention(z, z, z, alpha=alpha, qk_matrix=A, return_leaders=True)
-        traj.append(z[:, 0])
-        leaders.append(info.leaders[:, 0])
-        sizes.append(info.set_size[:, 0])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny tensors: more threads only add overhead (30x on a busy 2-core machine)
+    try:
+        for _ in range(layers):
+            z, info = hardmax_attention(z, z, z, alpha=alpha, qk_matrix=A, return_leaders=True)
+            traj.append(z[:, 0])
+            leaders.append(info.leaders[:, 0])
+            sizes.append(info.set_size[:, 0])
+    finally:
+        torch.set_num_threads(threads)
     return Simulation(torch.stack(traj), torch.stack(leaders), torch.stack(sizes))
 
 
@@ -348,6 +353,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = parser.parse_args(argv)
     if args.layers < 10:
         sys.exit("error: --layers must be >= 10 (the tail needs room)")
+    torch.set_num_threads(1)  # everything here is tiny: threads cost more than they save
     run(args.out, args.layers, args.population)
 
 
