@@ -83,10 +83,11 @@ def leader_counts(result: dict, dictionary) -> Dict[int, Dict[str, Counter]]:
     return counts
 
 
-def write_counts(counts: Dict[int, Dict[str, Counter]], path: Path, top: int = 50) -> List[dict]:
+def write_counts(counts: Dict[int, Dict[str, Counter]], path: Path) -> List[dict]:
+    """Every word that leads at least once, per label, most frequent leader first."""
     rows = []
     for label, name in LABELS.items():
-        for word, n in counts[label]["leader"].most_common(top):
+        for word, n in counts[label]["leader"].most_common():
             present = counts[label]["present"][word]
             rows.append({"label": name, "word": word, "leader_in_sentences": n, "present_in_sentences": present,
                          "leader_rate": round(n / present, 3)})  # fmt: skip
@@ -97,17 +98,27 @@ def write_counts(counts: Dict[int, Dict[str, Counter]], path: Path, top: int = 5
     return rows
 
 
-def plot_counts(counts: Dict[int, Dict[str, Counter]], title: str, path: Path, top: int = 20) -> None:
+def by_rate(counts: Dict[str, Counter], min_present: int) -> List[tuple]:
+    """(word, leader count) ordered by leader rate (then count), words present in >= min_present sentences."""
+    rate = {w: n / counts["present"][w] for w, n in counts["leader"].items() if counts["present"][w] >= min_present}
+    return sorted(((w, counts["leader"][w]) for w in rate), key=lambda wn: (-rate[wn[0]], -wn[1], wn[0]))
+
+
+def plot_counts(counts: Dict[int, Dict[str, Counter]], title: str, path: Path, top: int = 20, min_present: int = 8) -> None:
+    """Top row: the most frequent leader words; bottom row: the words that lead most reliably."""
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 2, figsize=(10, 0.32 * top + 1.2))
-    for ax, (label, name), color in zip(axes, LABELS.items(), ("tab:red", "tab:blue")):
-        common = counts[label]["leader"].most_common(top)[::-1]
-        words = [w for w, _ in common]
-        values = [n for _, n in common]
-        ax.barh(range(len(words)), values, color=color)
-        ax.set_yticks(range(len(words)), [f"{w} ({n / max(counts[label]['present'][w], 1):.0%})" for w, n in common])
-        ax.set_xlabel("confident correct test sentences where the word leads")
-        ax.set_title(f"{name} sentences (leader rate in brackets)", fontsize=9)
+    fig, axes = plt.subplots(2, 2, figsize=(10, 2 * (0.3 * top + 1.0)))
+    for col, ((label, name), color) in enumerate(zip(LABELS.items(), ("tab:red", "tab:blue"))):
+        rankings = ((counts[label]["leader"].most_common(top), "most frequent leaders"),
+                    (by_rate(counts[label], min_present)[:top], f"highest leader rate (in >= {min_present} sentences)"))  # fmt: skip
+        for row, (ranked, what) in enumerate(rankings):
+            ax = axes[row, col]
+            ranked = ranked[::-1]
+            ax.barh(range(len(ranked)), [n for _, n in ranked], color=color)
+            ax.set_yticks(range(len(ranked)), [f"{w} ({n / max(counts[label]['present'][w], 1):.0%})" for w, n in ranked],
+                          fontsize=8)  # fmt: skip
+            ax.set_xlabel("confident correct test sentences where the word leads", fontsize=8)
+            ax.set_title(f"{name} sentences: {what}; leader rate in brackets", fontsize=8)
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -233,13 +244,18 @@ def main(argv: Optional[List[str]] = None) -> dict:
         plot_counts(counts, title, out / f"leader_words_{tag}.png")
         tokens = sum(len(t) for i, t in enumerate(result["tokens"]) if result["confident"][i])
         lead = sum(int(result["leaders"][i].sum()) for i in result["confident"].nonzero().flatten().tolist())
-        summary[tag] = {"run": run.run_id, "confident_correct": kept, "sentences": len(split.labels),
-                      "leaders_per_sentence": round(lead / max(kept, 1), 2), "leader_fraction": round(lead / max(tokens, 1), 3),
-                      "top_positive": [r["word"] for r in rows if r["label"] == "positive"][:15],
-                      "top_negative": [r["word"] for r in rows if r["label"] == "negative"][:15]}  # fmt: skip
+        summary[tag] = {"run": run.run_id, "valid_accuracy": valid, "confident_correct": kept, "sentences": len(split.labels),
+                        "leaders_per_sentence": round(lead / max(kept, 1), 2), "leader_fraction": round(lead / max(tokens, 1), 3),
+                        "alpha": round(float(model.layer.alpha.detach()), 4),
+                        "top_positive": [r["word"] for r in rows if r["label"] == "positive"][:15],
+                        "top_negative": [r["word"] for r in rows if r["label"] == "negative"][:15],
+                        "reliable_positive": [w for w, _ in by_rate(counts[1], 8)[:15]],
+                        "reliable_negative": [w for w, _ in by_rate(counts[0], 8)[:15]]}  # fmt: skip
         print(f"[leaders] {tag}: {kept}/{len(split.labels)} confident correct; leaders per sentence "
               f"{summary[tag]['leaders_per_sentence']}; positive: {' '.join(summary[tag]['top_positive'][:10])}; "
-              f"negative: {' '.join(summary[tag]['top_negative'][:10])}", file=sys.stderr, flush=True)  # fmt: skip
+              f"negative: {' '.join(summary[tag]['top_negative'][:10])}; most reliable leaders: positive "
+              f"{' '.join(summary[tag]['reliable_positive'][:10])}; negative {' '.join(summary[tag]['reliable_negative'][:10])}",
+              file=sys.stderr, flush=True)  # fmt: skip
         if d == 2:
             plot_tokens(model, result, split.labels, task.source_dictionary, out / f"tokens_{tag}.png")
             plot_examples(model, result, task.source_dictionary, out / f"tokens_{tag}_examples.png")
