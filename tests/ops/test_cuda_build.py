@@ -34,7 +34,10 @@ def test_nvcc_is_available_in_ci():
 @pytest.mark.parametrize("arch", ["80", "90"])
 @pytest.mark.parametrize("source", CUDA, ids=lambda p: p.name)
 def test_cu_compiles(source, arch, tmp_path):
+    # the flags torch's BuildExtension gives nvcc (no implicit half / bfloat16 conversions), and ours
     cmd = [NVCC, "-c", "-std=c++17", "-O3", "--use_fast_math", f"-gencode=arch=compute_{arch},code=sm_{arch}",
+           "-D__CUDA_NO_HALF_OPERATORS__", "-D__CUDA_NO_HALF_CONVERSIONS__", "-D__CUDA_NO_BFLOAT16_CONVERSIONS__",
+           "-D__CUDA_NO_HALF2_OPERATORS__", "--expt-relaxed-constexpr", "-Xcompiler", "-fPIC",
            "-Werror", "all-warnings", str(source), "-o", str(tmp_path / "out.o")]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, f"{' '.join(cmd)}\n{done.stderr[-4000:]}"
