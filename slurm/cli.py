@@ -23,14 +23,14 @@ from .job import REPO, fairseq_train_path
 from .launch import (Interrupted, Launch, SubmissionError, _call, describe, interrupt_on_sigterm, job_spec, log,
                      resource_groups)  # fmt: skip
 from .runs import FAILED, FINISHED, LockedError, read_jobs, read_result, sweep_lock, write_json
-from .spec import SpecError, Sweep, expand, load
+from .spec import SpecError, Sweep, data_ready, expand, load
 
 __all__ = ["main", "_call"]  # _call: jobs pickled by earlier versions name slurm.cli._call
 
 
 def prepare_data(sweep: Sweep) -> None:
-    """Run ``data.prepare`` when ``data.path/dict.txt`` is missing, showing its output as it goes."""
-    if sweep.data_path is None or (sweep.data_path / "dict.txt").is_file():
+    """Run ``data.prepare`` when ``data.path`` holds no dictionary, showing its output as it goes."""
+    if sweep.data_path is None or data_ready(sweep.data_path):
         return
     command = sweep.data_prepare.replace("{python}", shlex.quote(sys.executable))
     log(f"preparing data (data.prepare): {command}")
@@ -40,7 +40,7 @@ def prepare_data(sweep: Sweep) -> None:
         print(f"  | {line.rstrip()}", flush=True)
         tail = (tail + [line.strip()])[-5:]
     code = proc.wait()
-    if code != 0 or not (sweep.data_path / "dict.txt").is_file():
+    if code != 0 or not data_ready(sweep.data_path):
         raise SpecError(f"key 'data.prepare': {command!r} exited {code} without writing "
                         f"{sweep.data_path / 'dict.txt'}: {' | '.join(tail)}")  # fmt: skip
 
@@ -81,7 +81,7 @@ def cmd_run(sweep: Sweep, args: argparse.Namespace) -> int:
         log(f"{sweep.name}: {len(runs)} runs, {len(skipped)} finished (skipped), {len(alive)} queued or running "
             f"(left alone), {len(todo)} to {verb}")  # fmt: skip
         if args.dry_run:
-            if sweep.data_path is not None and not (sweep.data_path / "dict.txt").is_file():
+            if sweep.data_path is not None and not data_ready(sweep.data_path):
                 log(f"data.prepare would run first: {sweep.data_prepare}")
             for resources, group in resource_groups(todo):
                 how = "one job array" if args.cluster == "slurm" else "jobs"

@@ -7,7 +7,7 @@ overrides such as ``model.clusters=200`` are merged before validation). Every pr
     name: demo                       # the sweep's directory under root
     root: outputs/sweeps             # relative paths are relative to the current directory
     task: masked_lm
-    data: {path: ..., prepare: "..."}  # prepare runs (shell) when path/dict.txt is missing
+    data: {path: ..., prepare: "..."}  # prepare runs (shell) when path/dict.txt (or input0/dict.txt) is missing
     fairseq: {criterion: masked_lm, lr: 1e-3, cpu: true, ...}   # base args: key -> value
     model: {clusters: 16}            # more fairseq args, the usual place for overrides
     grid: {arch: [a, b], clusters: [8, 16]}                    # cartesian product
@@ -120,6 +120,12 @@ class Sweep:
         """The runs this sweep launches, reports and cancels: every run, or the sampled trials."""
         return sample(expand(self), self.trials["num"], self.trials["seed"])
 
+
+
+def data_ready(path: Path) -> bool:
+    """A binarised fairseq data directory: its dictionary at the top (masked_lm, speech_to_text) or,
+    for sentence_prediction, in input0/."""
+    return any((path / name).is_file() for name in ("dict.txt", "input0/dict.txt"))
 
 def _norm(key: str) -> str:
     return str(key).replace("-", "_")
@@ -281,7 +287,7 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
         _check_archs(runs, src)
     if check_data and data_path is None:
         raise SpecError(f"{src}: missing key 'data.path'")
-    if check_data and not (data_path / "dict.txt").is_file() and not sweep.data_prepare:
+    if check_data and not data_ready(data_path) and not sweep.data_prepare:
         raise SpecError(f"{src}: key 'data.path': {data_path} has no dict.txt and 'data.prepare' is not set")
     return sweep
 
