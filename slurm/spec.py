@@ -121,11 +121,11 @@ class Sweep:
         return sample(expand(self), self.trials["num"], self.trials["seed"])
 
 
-
 def data_ready(path: Path) -> bool:
     """A binarised fairseq data directory: its dictionary at the top (masked_lm, speech_to_text) or,
     for sentence_prediction, in input0/."""
     return any((path / name).is_file() for name in ("dict.txt", "input0/dict.txt"))
+
 
 def _norm(key: str) -> str:
     return str(key).replace("-", "_")
