@@ -13,7 +13,7 @@ CUDA), ``ref-clustered`` / ``ref-i-clustered`` (the PyTorch reference of fairseq
 
     python experiments/benchmarks/attention.py                      # CPU grid, N=1 H=4 E=64 C=100 B=63 I=10 k=32
     python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2
-    python experiments/benchmarks/attention.py --device cuda        # + 32k, and H=8 in bfloat16 against SDPA flash
+    python experiments/benchmarks/attention.py --device cuda        # float32 H=4 and bfloat16 H=8 (SDPA flash), + 32k
 
 On CPU every cell runs in a fresh subprocess (peak memory = growth of its peak RSS, with glibc's
 mmap threshold pinned so freed tensors leave the RSS); on CUDA in-process with
@@ -218,7 +218,7 @@ def fmt(value, digits=1) -> str:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16 (CUDA)")
+    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16 (CUDA; default: float32 at H=4, then bfloat16 at H=8)")
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="sequence lengths (default 1k..16k; CUDA adds 32k)")  # fmt: skip
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
@@ -245,47 +245,52 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         sys.exit("error: --device cuda but torch sees no CUDA device")
-    dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
-    heads = args.heads or (8 if args.device == "cuda" else 4)
+    if args.dtype or args.heads or args.device == "cpu":
+        dtype = args.dtype or ("bfloat16" if args.device == "cuda" else "float32")
+        configs = [(dtype, args.heads or (8 if args.device == "cuda" else 4))]
+    else:  # CUDA default: the float32 grid at H=4, and H=8 in bfloat16 against SDPA's flash backend
+        configs = [("float32", 4), ("bfloat16", 8)]
     lengths = args.lengths or ([1024, 2048, 4096, 8192, 16384] + ([32768] if args.device == "cuda" else []))
     threads = args.threads or torch.get_num_threads()
-    out = args.out or Path("outputs/benchmarks") / f"attention-{args.device}-{dtype}.csv"
+    name = f"attention-{args.device}-{configs[0][0]}.csv" if len(configs) == 1 else f"attention-{args.device}.csv"
+    out = args.out or Path("outputs/benchmarks") / name
     out.parent.mkdir(parents=True, exist_ok=True)
     cpu = platform.processor() or platform.machine()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {threads} threads"
-    print(f"# {device_name}; torch {torch.__version__}; N={args.n} H={heads} E={args.dim} C={args.clusters} "
-          f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {args.repeats}", flush=True)  # fmt: skip
 
     rows: List[dict] = []
     header = f"{'L':>6} {'impl':<16} {'pass':<8} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} {'err struct':>10} {'clust ms':>8}"
-    print(header, flush=True)
     tmp = out.with_suffix(".csv.partial")
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
-        for length in lengths:
-            sdpa_ms: Dict[str, float] = {}
-            for passes in args.passes:
-                for impl in args.impls:
-                    cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
-                                args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats)  # fmt: skip
-                    res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
-                    if "error" in res:
-                        print(f"{length:>6} {impl:<16} {passes:<8} skipped: {res['error']}", flush=True)
-                        continue
-                    if impl == "sdpa":
-                        sdpa_ms[passes] = res["median_ms"]
-                    speedup = sdpa_ms[passes] / res["median_ms"] if passes in sdpa_ms else float("nan")
-                    row = {**{k: v for k, v in asdict(cell).items() if k in CSV_FIELDS}, "pass": passes,
-                           "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
-                           "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
-                           "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup}  # fmt: skip
-                    writer.writerow(row)
-                    handle.flush()
-                    rows.append(row)
-                    print(f"{length:>6} {impl:<16} {passes:<8} {fmt(res['median_ms']):>10} {fmt(speedup, 2):>7} "
-                          f"{fmt(res['peak_mem_mb']):>8} {fmt(res.get('err_iid'), 4):>8} "
-                          f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}", flush=True)  # fmt: skip
+        for dtype, heads in configs:
+            print(f"# {device_name}; torch {torch.__version__}; N={args.n} H={heads} E={args.dim} C={args.clusters} "
+                  f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {args.repeats}", flush=True)  # fmt: skip
+            print(header, flush=True)
+            for length in lengths:
+                sdpa_ms: Dict[str, float] = {}
+                for passes in args.passes:
+                    for impl in args.impls:
+                        cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
+                                    args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats)  # fmt: skip
+                        res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
+                        if "error" in res:
+                            print(f"{length:>6} {impl:<16} {passes:<8} skipped: {res['error']}", flush=True)
+                            continue
+                        if impl == "sdpa":
+                            sdpa_ms[passes] = res["median_ms"]
+                        speedup = sdpa_ms[passes] / res["median_ms"] if passes in sdpa_ms else float("nan")
+                        row = {**{k: v for k, v in asdict(cell).items() if k in CSV_FIELDS}, "pass": passes,
+                               "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
+                               "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
+                               "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup}  # fmt: skip
+                        writer.writerow(row)
+                        handle.flush()
+                        rows.append(row)
+                        print(f"{length:>6} {impl:<16} {passes:<8} {fmt(res['median_ms']):>10} {fmt(speedup, 2):>7} "
+                              f"{fmt(res['peak_mem_mb']):>8} {fmt(res.get('err_iid'), 4):>8} "
+                              f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}", flush=True)  # fmt: skip
     os.replace(tmp, out)  # a complete CSV or none
     print(f"# wrote {out} ({len(rows)} rows)")
 
