@@ -72,9 +72,13 @@ def clause(rng: random.Random) -> str:
 
 
 def sentence(rng: random.Random, min_words: int = 8, max_words: int = 20) -> str:
+    if not 1 <= min_words <= max_words:
+        raise ValueError(f"need 1 <= min_words <= max_words, got {min_words}, {max_words}")
+    # 2-4 clauses of ~10 words (the default corpus); longer sentences take proportionally more
+    extra = (1, 3) if max_words <= 20 else (max(1, min_words // 10), max(2, max_words // 10))
     while True:
         parts = [clause(rng)]
-        for _ in range(rng.randint(1, 3)):
+        for _ in range(rng.randint(*extra)):
             parts += [rng.choice(CONNECTORS), clause(rng)]
         text = " ".join(parts)
         if min_words <= len(text.split()) <= max_words:

@@ -1,7 +1,8 @@
 """A synthetic speech corpus spoken by espeak-ng, as a speech_to_text data directory (s2t_data.py).
 
 Text (``--text``): ``grammar`` (default), card-table sentences of 8-20 words from grammar.py (a
-closed vocabulary of ~120 words; 3-9 s of speech, 320-910 frames, 550 on average); or ``movie``,
+closed vocabulary of ~120 words; 3-9 s of speech, 320-910 frames, 550 on average; ``--words 40 80``
+makes sentences of 40-80 words, ~2,000 frames, where attention dominates the encoder's cost); or ``movie``,
 Rotten Tomatoes sentences of 8-30 words without digits from experiments/sentiment_data.py (open
 vocabulary, much harder), split by its fixed ``binary_split`` so train, valid and test share no
 sentence. Grammar sentences of valid and test never occur in train either.
@@ -82,12 +83,13 @@ def check_tools() -> None:
                         "(or 'bash scripts/speech_deps.sh')")  # fmt: skip
 
 
-def texts(kind: str, sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
+def texts(kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = (8, 20)) -> dict[str, list[str]]:
     rng = random.Random(seed)
     if kind == "grammar":
-        held_out = grammar.sentences(rng, sizes["valid"] + sizes["test"])
+        span = dict(min_words=words[0], max_words=words[1])
+        held_out = grammar.sentences(rng, sizes["valid"] + sizes["test"], **span)
         out = {"valid": held_out[: sizes["valid"]], "test": held_out[sizes["valid"]:]}
-        out["train"] = grammar.sentences(rng, sizes["train"], exclude=set(held_out))
+        out["train"] = grammar.sentences(rng, sizes["train"], exclude=set(held_out), **span)
         return out
     from experiments.sentiment_data import binary_split, load
 
@@ -102,10 +104,10 @@ def texts(kind: str, sizes: dict[str, int], seed: int) -> dict[str, list[str]]:
     return out
 
 
-def plan(out: Path, kind: str, sizes: dict[str, int], seed: int) -> list[Item]:
+def plan(out: Path, kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = (8, 20)) -> list[Item]:
     rng = np.random.default_rng(seed)
     items = []
-    for split, sentences in texts(kind, sizes, seed).items():
+    for split, sentences in texts(kind, sizes, seed, words).items():
         for i, text in enumerate(sentences):
             utt = f"{split}-{i:05d}"
             items.append(Item(
@@ -160,20 +162,28 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--test", type=int, default=200, help="test utterances (other unseen voices)")
     parser.add_argument("--seed", type=int, default=1, help="draws texts, voices, speeds, pitches and noise")
     parser.add_argument("--jobs", type=int, default=2, help="synthesis processes")
+    parser.add_argument("--words", type=int, nargs=2, default=[8, 20], metavar=("MIN", "MAX"),
+                        help="words per grammar sentence (default 8 20: ~550 frames; 40 80: ~2,000)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     if min(sizes.values()) < 1 or args.jobs < 1:
         parser.error("--train, --valid, --test and --jobs must be positive")
+    if not 4 <= args.words[0] <= args.words[1]:
+        parser.error(f"--words MIN MAX needs 4 <= MIN <= MAX (got {args.words[0]} {args.words[1]})")
+    if args.text != "grammar" and args.words != [8, 20]:
+        parser.error("--words applies to --text grammar only")
     out = args.out.resolve()
     settings = {"source": "espeak-ng", "text": args.text, **sizes, "seed": args.seed, "accents": ACCENTS,
                 "variants": VARIANTS, "speed": list(SPEED), "pitch": list(PITCH), "snr_db": list(SNR_DB)}  # fmt: skip
+    if args.words != [8, 20]:  # absent for the default, so corpora written before --words stay up to date
+        settings["words"] = args.words
     try:
         if is_prepared(out, settings, SPLITS):
             print(f"[synthetic] {out} is up to date ({sum(sizes.values())} utterances); nothing to do", file=sys.stderr)
             return out
         check_tools()
         started = time.time()
-        items = plan(out, args.text, sizes, args.seed)
+        items = plan(out, args.text, sizes, args.seed, tuple(args.words))
         frames: dict[str, int] = {}
         progress = Progress("synthetic", "utterances", len(items))
         with multiprocessing.get_context("fork").Pool(args.jobs) if args.jobs > 1 else _Serial() as pool:

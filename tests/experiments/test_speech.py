@@ -136,6 +136,27 @@ def test_missing_espeak_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().count("\n") == 0 and "apt-get install espeak-ng sox" in proc.stderr, proc.stderr
 
 
+def test_long_sentences_option():
+    """--words MIN MAX: grammar sentences in that range (the long-utterance variant of the sweep);
+    the default corpus is unchanged by the option's existence; bad ranges are argparse errors."""
+    import random
+
+    from experiments.speech import grammar
+    from experiments.speech.prepare_synthetic import plan
+
+    long = grammar.sentences(random.Random(0), 50, min_words=40, max_words=80)
+    assert all(40 <= len(t.split()) <= 80 for t in long) and len(set(long)) == 50
+    short = grammar.sentences(random.Random(0), 50)
+    assert all(8 <= len(t.split()) <= 20 for t in short)
+    sizes = {"train": 6, "valid": 2, "test": 2}
+    assert plan(Path("/x"), "grammar", sizes, 5) == plan(Path("/x"), "grammar", sizes, 5, (8, 20))
+    with pytest.raises(ValueError, match="min_words"):
+        grammar.sentence(random.Random(0), 30, 20)
+    for bad in (["--words", "2", "9"], ["--words", "30", "20"], ["--text", "movie", "--words", "40", "80"]):
+        proc = run(PY, "-m", "experiments.speech.prepare_synthetic", "--out", "/nonexistent/x", *bad)
+        assert proc.returncode == 2 and "--words" in proc.stderr.splitlines()[-1], proc.stderr
+
+
 def test_sweep_trains_reports_and_decodes(corpus, tmp_path):
     """The real sweep file, shrunk: three attention arms, a few updates each, then report and evaluate."""
     overrides = [
