@@ -160,6 +160,14 @@ def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool =
             key = item.split("=", 1)[0].lstrip("+")
             if key.split(".")[0] not in TOP_KEYS:
                 raise SpecError(f"override {item!r}: unknown key {key.split('.')[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+        for item in overrides:  # each value is YAML; say which one does not parse, and how to quote it
+            key, value = item.lstrip("+").split("=", 1)
+            try:
+                yaml.safe_load(value)
+            except yaml.YAMLError as err:
+                problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+                raise SpecError(f"override {item!r}: the value is not valid YAML ({problem}); quote it for YAML "
+                                f"inside the shell's quotes, e.g. '{key}=\"...\"'") from None  # fmt: skip
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:

@@ -24,6 +24,15 @@ def test_malformed_yaml(tmp_path):
     assert "malformed YAML at line 2" in error_of(path)
 
 
+def test_override_value_that_is_not_yaml(tmp_path, corpus):
+    path = tiny_sweep(tmp_path / "s.yaml", corpus)
+    message = error_of(path, "data.prepare={python} -m prep --out x")  # YAML reads '{python}' as a mapping
+    assert "override 'data.prepare={python} -m prep --out x'" in message and "not valid YAML" in message
+    assert "'data.prepare=\"...\"'" in message  # how to quote it
+    sweep = load(path, ['data.prepare="{python} -m prep --out x"'])  # quoted: a string
+    assert sweep.data_prepare == "{python} -m prep --out x"
+
+
 def test_not_a_mapping(tmp_path):
     path = tmp_path / "list.yaml"
     path.write_text("- a\n- b\n")
