@@ -15,9 +15,9 @@ CUDA), ``ref-clustered`` / ``ref-i-clustered`` (the PyTorch reference of fairseq
     python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2
     python experiments/benchmarks/attention.py --device cuda        # float32 H=4 and bfloat16 H=8 (SDPA flash), + 32k
 
-On CPU every cell runs in a fresh subprocess (peak memory = growth of its peak RSS, with glibc's
-mmap threshold pinned so freed tensors leave the RSS); on CUDA in-process with
-torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``).
+On CPU every cell runs in fresh subprocesses: one for time and error with the default allocator,
+one for peak memory (growth of its peak RSS, with glibc's mmap threshold pinned so freed tensors
+leave the RSS); on CUDA in-process with torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``).
 """
 
 from __future__ import annotations
@@ -144,8 +144,9 @@ def timed(fn: Callable, device: str, repeats: int) -> List[float]:
     return times
 
 
-def measure(cell: Cell) -> Dict[str, float]:
-    """Time, memory and error of one cell, in this process."""
+def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
+    """Time, memory and error of one cell, in this process. ``phase``: "time" (median time, error,
+    clustering time), "memory" (peak extra memory over a warm-up and one call) or "all"."""
     import torch
 
     torch.set_num_threads(cell.threads)
@@ -165,21 +166,25 @@ def measure(cell: Cell) -> Dict[str, float]:
             q.grad = k.grad = v.grad = None
 
         grad_ctx = torch.enable_grad
-    # Time and memory first (the error computation below allocates exact attention outputs).
-    if cell.device == "cuda":
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-    else:
-        base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    with grad_ctx():
-        times = timed(step, cell.device, cell.repeats)
+    if phase in ("memory", "all"):
+        if cell.device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        else:
+            base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        with grad_ctx():
+            timed(step, cell.device, 1)
         if cell.device == "cuda":
             results["peak_mem_mb"] = (torch.cuda.max_memory_allocated() - base) / 2**20
         else:
             results["peak_mem_mb"] = max(0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base) / 2**20
-        results["median_ms"] = statistics.median(times)
-        results["min_ms"] = min(times)
+    if phase == "memory":
+        return results
+    with grad_ctx():
+        times = timed(step, cell.device, cell.repeats)
+    results["median_ms"] = statistics.median(times)
+    results["min_ms"] = min(times)
     cluster = clustering_fn(cell)
     if cell.passes == "fwd":
         with torch.no_grad():
@@ -195,18 +200,26 @@ def measure(cell: Cell) -> Dict[str, float]:
 
 
 def run_cell(cell: Cell, isolate: bool, timeout: float) -> Dict[str, float]:
+    """On CPU, two fresh processes per cell: one times the cell with the allocator users run (glibc's
+    default, which keeps freed blocks for reuse), one measures its peak RSS growth with glibc's mmap
+    threshold pinned low, so that freed tensors leave the RSS and the peak is the cell's own. (Pinned,
+    every large allocation is a fresh mmap whose page faults would inflate the time of paths with
+    many intermediate tensors.)"""
     if not isolate:
         return measure(cell)
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", OMP_NUM_THREADS=str(cell.threads))
-    cmd = [sys.executable, __file__, "--_cell", json.dumps(asdict(cell))]
-    try:
-        done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout:.0f} s"}
-    if done.returncode != 0:
-        tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"error": tail}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    results: Dict[str, float] = {}
+    for phase, extra in (("time", {}), ("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        env = dict(os.environ, OMP_NUM_THREADS=str(cell.threads), **extra)
+        cmd = [sys.executable, __file__, "--_cell", json.dumps(asdict(cell)), "--_phase", phase]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {timeout:.0f} s ({phase})"}
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return {"error": tail}
+        results.update(json.loads(done.stdout.strip().splitlines()[-1]))
+    return results
 
 
 def fmt(value, digits=1) -> str:
@@ -235,10 +248,11 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is skipped")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default outputs/benchmarks/attention-<device>.csv)")
     parser.add_argument("--_cell", help=argparse.SUPPRESS)
+    parser.add_argument("--_phase", default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args._cell:  # worker: one cell, JSON on the last line of stdout
-        print(json.dumps(measure(Cell(**json.loads(args._cell)))))
+        print(json.dumps(measure(Cell(**json.loads(args._cell)), args._phase)))
         return
 
     import torch
