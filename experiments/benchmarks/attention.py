@@ -39,7 +39,8 @@ from typing import Callable, Dict, List, Optional
 
 IMPLS = ["sdpa", "ref-clustered", "ref-i-clustered", "clustered", "i-clustered"]
 CSV_FIELDS = ["device", "dtype", "threads", "n", "h", "length", "e", "clusters", "hash_bits", "iterations", "topk",
-              "impl", "pass", "median_ms", "min_ms", "repeats", "peak_mem_mb", "err_iid", "err_structured",
+              "impl", "pass", "median_ms", "min_ms", "repeats", "processes", "process_medians_ms", "peak_mem_mb",
+              "err_iid", "err_structured",
               "clustering_ms", "speedup_vs_sdpa"]  # fmt: skip
 
 
@@ -59,6 +60,7 @@ class Cell:
     impl: str
     passes: str  # "fwd" or "fwd+bwd"
     repeats: int
+    processes: int = 1  # CPU: timing processes per cell (their timed runs are pooled)
     results: Dict[str, float] = field(default_factory=dict)
 
 
@@ -145,8 +147,9 @@ def timed(fn: Callable, device: str, repeats: int) -> List[float]:
 
 
 def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
-    """Time, memory and error of one cell, in this process. ``phase``: "time" (median time, error,
-    clustering time), "memory" (peak extra memory over a warm-up and one call) or "all"."""
+    """Time, memory and error of one cell, in this process. ``phase``: "time" (timed runs, error,
+    clustering time), "times" (timed runs only), "memory" (peak extra memory over a warm-up and one
+    call) or "all"."""
     import torch
 
     torch.set_num_threads(cell.threads)
@@ -183,10 +186,11 @@ def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
         return results
     with grad_ctx():
         times = timed(step, cell.device, cell.repeats)
+    results["times_ms"] = times
     results["median_ms"] = statistics.median(times)
     results["min_ms"] = min(times)
     cluster = clustering_fn(cell)
-    if cell.passes == "fwd":
+    if cell.passes == "fwd" and phase != "times":
         with torch.no_grad():
             if cluster is not None:
                 results["clustering_ms"] = statistics.median(timed(lambda: cluster(q, k, v), cell.device, cell.repeats))
@@ -200,15 +204,20 @@ def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
 
 
 def run_cell(cell: Cell, isolate: bool, timeout: float) -> Dict[str, float]:
-    """On CPU, two fresh processes per cell: one times the cell with the allocator users run (glibc's
-    default, which keeps freed blocks for reuse), one measures its peak RSS growth with glibc's mmap
-    threshold pinned low, so that freed tensors leave the RSS and the peak is the cell's own. (Pinned,
-    every large allocation is a fresh mmap whose page faults would inflate the time of paths with
-    many intermediate tensors.)"""
+    """On CPU, fresh processes per cell: ``cell.processes`` time it with the allocator users run
+    (glibc's default; their timed runs are pooled, because whether glibc keeps freed blocks for reuse
+    or returns them to the kernel differs from process to process and moves the compiled paths'
+    time by up to 2x at short lengths), and one measures its peak RSS growth with glibc's mmap
+    threshold pinned low, so that freed tensors leave the RSS and the peak is the cell's own."""
     if not isolate:
-        return measure(cell)
+        res = measure(cell)
+        res.pop("times_ms")
+        return res
     results: Dict[str, float] = {}
-    for phase, extra in (("time", {}), ("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+    phases = [("time", {})] + [("times", {})] * (cell.processes - 1) + [("memory", {"MALLOC_MMAP_THRESHOLD_": "65536"})]
+    times: List[float] = []
+    medians: List[float] = []
+    for phase, extra in phases:
         env = dict(os.environ, OMP_NUM_THREADS=str(cell.threads), **extra)
         cmd = [sys.executable, __file__, "--_cell", json.dumps(asdict(cell)), "--_phase", phase]
         try:
@@ -218,7 +227,13 @@ def run_cell(cell: Cell, isolate: bool, timeout: float) -> Dict[str, float]:
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
             return {"error": tail}
-        results.update(json.loads(done.stdout.strip().splitlines()[-1]))
+        res = json.loads(done.stdout.strip().splitlines()[-1])
+        if phase != "memory":
+            times += res.pop("times_ms")
+            medians.append(res["median_ms"])
+        results.update(res)
+    results.update(median_ms=statistics.median(times), min_ms=min(times),
+                   process_medians_ms=";".join(f"{m:.3f}" for m in medians))  # fmt: skip
     return results
 
 
@@ -243,7 +258,9 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--hash-bits", type=int, default=63)
     parser.add_argument("--iterations", type=int, default=10, help="k-means iterations")
     parser.add_argument("--topk", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell (after one warm-up)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell and process (after one warm-up)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="CPU: fresh processes that time each cell; the table shows the median of all their runs")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is skipped")
     parser.add_argument("--out", type=Path, default=None, help="CSV path (default outputs/benchmarks/attention-<device>.csv)")
@@ -251,6 +268,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--_phase", default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.processes < 1 or args.repeats < 1:
+        parser.error("--processes and --repeats must be >= 1")
     if args._cell:  # worker: one cell, JSON on the last line of stdout
         print(json.dumps(measure(Cell(**json.loads(args._cell)), args._phase)))
         return
@@ -275,19 +294,22 @@ def main(argv: Optional[List[str]] = None) -> None:
     rows: List[dict] = []
     header = f"{'L':>6} {'impl':<16} {'pass':<8} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} {'err struct':>10} {'clust ms':>8}"
     tmp = out.with_suffix(".csv.partial")
+    processes = args.processes if args.device == "cpu" else 1  # CUDA cells run in this process
+    runs = f"{args.repeats}" if processes == 1 else f"{processes} processes x {args.repeats}"
     with open(tmp, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for dtype, heads in configs:
             print(f"# {device_name}; torch {torch.__version__}; N={args.n} H={heads} E={args.dim} C={args.clusters} "
-                  f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {args.repeats}", flush=True)  # fmt: skip
+                  f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {runs}", flush=True)  # fmt: skip
             print(header, flush=True)
             for length in lengths:
                 sdpa_ms: Dict[str, float] = {}
                 for passes in args.passes:
                     for impl in args.impls:
                         cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
-                                    args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats)  # fmt: skip
+                                    args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats,
+                                    processes)  # fmt: skip
                         res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
                         if "error" in res:
                             print(f"{length:>6} {impl:<16} {passes:<8} skipped: {res['error']}", flush=True)
@@ -297,6 +319,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         speedup = sdpa_ms[passes] / res["median_ms"] if passes in sdpa_ms else float("nan")
                         row = {**{k: v for k, v in asdict(cell).items() if k in CSV_FIELDS}, "pass": passes,
                                "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
+                               "process_medians_ms": res.get("process_medians_ms"),
                                "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
                                "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup}  # fmt: skip
                         writer.writerow(row)

@@ -26,7 +26,7 @@ def run(*args, cwd=ROOT):
 def test_benchmark_grid_writes_a_sane_csv(tmp_path):
     out = tmp_path / "bench.csv"
     done = run("--lengths", "70", "--clusters", "5", "--topk", "80", "--iterations", "3", "--repeats", "2",
-               "--threads", "1", "--out", str(out))  # fmt: skip
+               "--processes", "2", "--threads", "1", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     cells = {(int(r["length"]), r["impl"], r["pass"]) for r in rows}
@@ -35,6 +35,9 @@ def test_benchmark_grid_writes_a_sane_csv(tmp_path):
     assert not out.with_suffix(".csv.partial").exists()
     for r in rows:
         assert float(r["median_ms"]) > 0 and float(r["min_ms"]) <= float(r["median_ms"])
+        medians = [float(m) for m in r["process_medians_ms"].split(";")]  # two timing processes, pooled
+        assert len(medians) == 2 and r["processes"] == "2"
+        assert min(medians) - 1e-3 <= float(r["median_ms"]) <= max(medians) + 1e-3  # (written to the microsecond)
         assert math.isfinite(float(r["speedup_vs_sdpa"])) and float(r["peak_mem_mb"]) >= 0
         if r["pass"] != "fwd":
             assert r["err_iid"] == ""  # errors are measured on the forward pass only
@@ -47,7 +50,7 @@ def test_benchmark_grid_writes_a_sane_csv(tmp_path):
         if r["impl"] in ("clustered", "i-clustered"):
             assert 0 < float(r["clustering_ms"]) < float("inf")
     # the table on stdout has one line per cell, under the shape header
-    assert "N=1 H=4 E=64 C=5 B=63 I=3 k=80 float32" in done.stdout
+    assert "N=1 H=4 E=64 C=5 B=63 I=3 k=80 float32; median of 2 processes x 2" in done.stdout
     assert sum(line.strip().startswith("70 ") for line in done.stdout.splitlines()) == len(rows)
 
 
