@@ -2,7 +2,7 @@
 
 Text (``--text``): ``grammar`` (default), card-table sentences of 8-20 words from grammar.py (a
 closed vocabulary of ~120 words; 3-9 s of speech, 320-910 frames, 550 on average; ``--words 40 80``
-makes sentences of 40-80 words, ~2,000 frames, where attention dominates the encoder's cost); or ``movie``,
+makes sentences of 40-80 words, 1,070-2,960 frames, 1,850 on average, where attention dominates the encoder's cost); or ``movie``,
 Rotten Tomatoes sentences of 8-30 words without digits from experiments/sentiment_data.py (open
 vocabulary, much harder), split by its fixed ``binary_split`` so train, valid and test share no
 sentence. Grammar sentences of valid and test never occur in train either.
@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--seed", type=int, default=1, help="draws texts, voices, speeds, pitches and noise")
     parser.add_argument("--jobs", type=int, default=2, help="synthesis processes")
     parser.add_argument("--words", type=int, nargs=2, default=[8, 20], metavar=("MIN", "MAX"),
-                        help="words per grammar sentence (default 8 20: ~550 frames; 40 80: ~2,000)")  # fmt: skip
+                        help="words per grammar sentence (default 8 20: ~550 frames; 40 80: ~1,850)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
     if min(sizes.values()) < 1 or args.jobs < 1:
