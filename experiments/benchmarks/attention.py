@@ -15,9 +15,11 @@ CUDA), ``ref-clustered`` / ``ref-i-clustered`` (the PyTorch reference of fairseq
     python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2
     python experiments/benchmarks/attention.py --device cuda        # float32 H=4 and bfloat16 H=8 (SDPA flash), + 32k
 
-On CPU every cell runs in fresh subprocesses: one for time and error with the default allocator,
-one for peak memory (growth of its peak RSS, with glibc's mmap threshold pinned so freed tensors
-leave the RSS); on CUDA in-process with torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``).
+On CPU every cell runs in fresh subprocesses: ``--processes`` (3) for time and error with the
+default allocator, their timed runs pooled (glibc's allocator is fast in some processes and slow in
+others, see csrc/README.md), and one for peak memory (growth of its peak RSS, with glibc's mmap
+threshold pinned so freed tensors leave the RSS); on CUDA in-process, memory by
+torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``).
 """
 
 from __future__ import annotations
@@ -246,7 +248,8 @@ def fmt(value, digits=1) -> str:
 def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--dtype", default=None, help="float32 (CPU default), bfloat16 or float16 (CUDA; default: float32 at H=4, then bfloat16 at H=8)")
+    parser.add_argument("--dtype", default=None,
+                        help="float32 (CPU default), bfloat16 or float16 (CUDA; default: float32 at H=4, then bfloat16 at H=8)")  # fmt: skip
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="sequence lengths (default 1k..16k; CUDA adds 32k)")  # fmt: skip
     parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
@@ -263,7 +266,7 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="CPU: fresh processes that time each cell; the table shows the median of all their runs")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is skipped")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default outputs/benchmarks/attention-<device>.csv)")
+    parser.add_argument("--out", type=Path, default=None, help="CSV path (default outputs/benchmarks/attention-<device>-<dtype>.csv; attention-cuda.csv for the two CUDA grids)")
     parser.add_argument("--_cell", help=argparse.SUPPRESS)
     parser.add_argument("--_phase", default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
