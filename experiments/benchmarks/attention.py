@@ -266,7 +266,9 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="CPU: fresh processes that time each cell; the table shows the median of all their runs")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is skipped")
-    parser.add_argument("--out", type=Path, default=None, help="CSV path (default outputs/benchmarks/attention-<device>-<dtype>.csv; attention-cuda.csv for the two CUDA grids)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="CSV path (default outputs/benchmarks/attention-<device>-<dtype>.csv; "
+                             "attention-cuda.csv for the two CUDA grids)")  # fmt: skip
     parser.add_argument("--_cell", help=argparse.SUPPRESS)
     parser.add_argument("--_phase", default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
