@@ -157,12 +157,10 @@ def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool =
         for item in overrides:
             if "=" not in item:
                 raise SpecError(f"override {item!r}: expected KEY=VALUE (an OmegaConf dotlist item)")
-            key = item.split("=", 1)[0].lstrip("+")
+            key, value = item.lstrip("+").split("=", 1)
             if key.split(".")[0] not in TOP_KEYS:
                 raise SpecError(f"override {item!r}: unknown key {key.split('.')[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
-        for item in overrides:  # each value is YAML; say which one does not parse, and how to quote it
-            key, value = item.lstrip("+").split("=", 1)
-            try:
+            try:  # the value is YAML: say which one does not parse, and how to quote it
                 yaml.safe_load(value)
             except yaml.YAMLError as err:
                 problem = getattr(err, "problem", None) or str(err).splitlines()[0]

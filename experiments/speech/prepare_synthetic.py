@@ -2,7 +2,8 @@
 
 Text (``--text``): ``grammar`` (default), card-table sentences of 8-20 words from grammar.py (a
 closed vocabulary of ~120 words; 3-9 s of speech, 320-910 frames, 550 on average; ``--words 40 80``
-makes sentences of 40-80 words, 1,070-2,960 frames, 1,850 on average, where attention dominates the encoder's cost); or ``movie``,
+makes sentences of 40-80 words, 1,070-2,960 frames, 1,850 on average, where attention dominates the
+encoder's cost); or ``movie``,
 Rotten Tomatoes sentences of 8-30 words without digits from experiments/sentiment_data.py (open
 vocabulary, much harder), split by its fixed ``binary_split`` so train, valid and test share no
 sentence. Grammar sentences of valid and test never occur in train either.
@@ -53,6 +54,7 @@ VARIANTS = {  # disjoint voice variants per split (espeak-ng-data/voices/!v): un
     "test": ["m8", "f5", "klatt4", "max"],
 }  # fmt: skip
 SPEED = (130, 200)  # words per minute (espeak-ng -s)
+WORDS = (8, 20)  # words per grammar sentence by default (grammar.sentence's own default)
 PITCH = (30, 70)  # espeak-ng -p, 0-99
 SNR_DB = (25.0, 45.0)
 SPLITS = ("train", "valid", "test")
@@ -83,7 +85,7 @@ def check_tools() -> None:
                         "(or 'bash scripts/speech_deps.sh')")  # fmt: skip
 
 
-def texts(kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = (8, 20)) -> dict[str, list[str]]:
+def texts(kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = WORDS) -> dict[str, list[str]]:
     rng = random.Random(seed)
     if kind == "grammar":
         span = dict(min_words=words[0], max_words=words[1])
@@ -104,7 +106,7 @@ def texts(kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = 
     return out
 
 
-def plan(out: Path, kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = (8, 20)) -> list[Item]:
+def plan(out: Path, kind: str, sizes: dict[str, int], seed: int, words: tuple[int, int] = WORDS) -> list[Item]:
     rng = np.random.default_rng(seed)
     items = []
     for split, sentences in texts(kind, sizes, seed, words).items():
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> Path:
     parser.add_argument("--test", type=int, default=200, help="test utterances (other unseen voices)")
     parser.add_argument("--seed", type=int, default=1, help="draws texts, voices, speeds, pitches and noise")
     parser.add_argument("--jobs", type=int, default=2, help="synthesis processes")
-    parser.add_argument("--words", type=int, nargs=2, default=[8, 20], metavar=("MIN", "MAX"),
+    parser.add_argument("--words", type=int, nargs=2, default=list(WORDS), metavar=("MIN", "MAX"),
                         help="words per grammar sentence (default 8 20: ~550 frames; 40 80: ~1,850)")  # fmt: skip
     args = parser.parse_args(argv)
     sizes = {"train": args.train, "valid": args.valid, "test": args.test}
@@ -170,12 +172,13 @@ def main(argv: list[str] | None = None) -> Path:
         parser.error("--train, --valid, --test and --jobs must be positive")
     if not 4 <= args.words[0] <= args.words[1]:
         parser.error(f"--words MIN MAX needs 4 <= MIN <= MAX (got {args.words[0]} {args.words[1]})")
-    if args.text != "grammar" and args.words != [8, 20]:
+    words = tuple(args.words)
+    if args.text != "grammar" and words != WORDS:
         parser.error("--words applies to --text grammar only")
     out = args.out.resolve()
     settings = {"source": "espeak-ng", "text": args.text, **sizes, "seed": args.seed, "accents": ACCENTS,
                 "variants": VARIANTS, "speed": list(SPEED), "pitch": list(PITCH), "snr_db": list(SNR_DB)}  # fmt: skip
-    if args.words != [8, 20]:  # absent for the default, so corpora written before --words stay up to date
+    if words != WORDS:  # absent for the default, so corpora written before --words stay up to date
         settings["words"] = args.words
     try:
         if is_prepared(out, settings, SPLITS):
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> Path:
             return out
         check_tools()
         started = time.time()
-        items = plan(out, args.text, sizes, args.seed, tuple(args.words))
+        items = plan(out, args.text, sizes, args.seed, words)
         frames: dict[str, int] = {}
         progress = Progress("synthetic", "utterances", len(items))
         with multiprocessing.get_context("fork").Pool(args.jobs) if args.jobs > 1 else _Serial() as pool:
