@@ -117,4 +117,18 @@ def processes_mentioning(text: str) -> list[str]:
 
 
 def last_saved(log: str) -> int:
+    """The update count of the last checkpoint that train.log says was saved."""
     return max(int(u) for u in re.findall(r"Saved checkpoint \S+ \(epoch \d+ @ (\d+) updates", log))
+
+
+def newest_checkpoint(checkpoints: Path) -> int:
+    """The update count of the newest ``checkpoint_<epoch>_<updates>.pt`` on disk.
+
+    A job killed mid-save may have written (atomically) and even copied a checkpoint whose
+    "Saved checkpoint" line never reached the log, so a resume can load more updates than
+    :func:`last_saved` says. A resume budget above this count is always reached exactly
+    (fairseq takes one step before it checks ``--max-update``).
+    """
+    found = [int(m.group(1)) for p in checkpoints.glob("checkpoint_*_*.pt") if (m := re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", p.name))]
+    assert found, f"no interval checkpoint in {checkpoints}"
+    return max(found)

@@ -17,7 +17,7 @@ from slurm.cli import main
 from slurm.runs import LockedError, sweep_lock, write_json
 from slurm.spec import load
 
-from .conftest import PY, REPO, last_saved, processes_mentioning, run_cli, tiny_sweep
+from .conftest import PY, REPO, last_saved, newest_checkpoint, processes_mentioning, run_cli, tiny_sweep
 
 
 
@@ -183,15 +183,16 @@ def test_cancel_stops_a_local_launch_and_run_resumes(tmp_path, corpus):
     assert again_cancel.returncode == 0 and "nothing to cancel" in again_cancel.stdout
     # A later run resumes the cancelled run from its last checkpoint and trains the other from scratch.
     saved = last_saved((first / "train.log").read_text())
-    again = run_cli(["run", str(path), f"budget.max_update={saved + 4}", "resources.parallel=2"], timeout=300)
+    target = newest_checkpoint(first / "checkpoints") + 4
+    again = run_cli(["run", str(path), f"budget.max_update={target}", "resources.parallel=2"], timeout=300)
     assert again.returncode == 0, again.stdout[-2000:] + again.stderr[-2000:]
     assert "2 to launch" in again.stdout
     result = json.loads((first / "result.json").read_text())
-    assert result["state"] == "finished" and result["attempts"] == 2 and result["updates"] == saved + 4, result
+    assert result["state"] == "finished" and result["attempts"] == 2 and result["updates"] == target, result
     loaded = re.findall(r"Loaded checkpoint \S+ \(epoch \d+ @ (\d+) updates\)", (first / "train.log").read_text())
     assert loaded and int(loaded[-1]) >= saved, loaded
     other = json.loads((sweep_dir / "clustered_s1" / "result.json").read_text())
-    assert other["state"] == "finished" and other["attempts"] == 1 and other["updates"] == saved + 4
+    assert other["state"] == "finished" and other["attempts"] == 1 and other["updates"] == target
 
 
 def test_truncated_last_checkpoint_is_restored_from_the_newest_intact_one(tmp_path):

@@ -20,7 +20,7 @@ from slurm.job import TrainJob, probe
 from slurm.launch import job_spec, make_executor
 from slurm.spec import load
 
-from .conftest import PY, REPO, last_saved, processes_mentioning, run_cli, tiny_sweep, wait_done
+from .conftest import PY, REPO, last_saved, newest_checkpoint, processes_mentioning, run_cli, tiny_sweep, wait_done
 
 pytestmark = pytest.mark.slurm
 
@@ -147,18 +147,19 @@ def test_cancel_a_watched_array_then_resume(tmp_path, corpus, slurm_cluster):
     # The watching launch saw the jobs end and says so, with a non-zero exit.
     assert watcher.returncode == 1, out[-3000:]
     assert "2 of 2 launched run(s) did not finish" in out and out.count("  CANCELLED ") == 2, out[-3000:]
-    saved = {}
+    saved, on_disk = {}, {}
     for run_id in runs:
         result = _result(sweep_dir, run_id)
         assert result["state"] == "cancelled" and result["attempts"] == 1 and result["updates"] >= 4, result
         assert result["wall_time_s"] > 0 and result["cancelled_at"] > 0
         saved[run_id] = last_saved((sweep_dir / run_id / "train.log").read_text())
+        on_disk[run_id] = newest_checkpoint(sweep_dir / run_id / "checkpoints")
     assert processes_mentioning(str(sweep_dir)) == []
     assert list(sweep_dir.rglob("*.tmp")) == [] and not [p for p in sweep_dir.rglob(".result.json.*") if p.suffix != ".lock"]
     status = run_cli(["status", str(path)], timeout=120)
     assert "2 runs: 2 cancelled" in status.stdout, status.stdout
     # Submit without waiting; the runs resume from their last checkpoints and finish.
-    target = max(saved.values()) + 4
+    target = max(on_disk.values()) + 4
     resume = run_cli(["run", str(path), "--cluster", "slurm", f"budget.max_update={target}"], timeout=120)
     assert resume.returncode == 0 and "2 to launch" in resume.stdout and "submitted, not waiting" in resume.stdout
     deadline = time.time() + 240
