@@ -2,8 +2,9 @@
 
 Covers: job arrays per resource set (2 gloo tasks per job, an arm with 1), preemption through
 submitit's checkpoint path (job._interrupt -> requeue -> resume), a real timeout requeue, fake-GPU
-GRES scheduling, re-run idempotency, a failing arm (exit status 1), and cancelling a running array
-that a `run --wait` watches, then resuming it. Every wait has a deadline.
+GRES scheduling, re-run idempotency, a failing arm (exit status 1), job states while sacct lags,
+and cancelling a running array that a `run --wait` watches, then resuming it. Every wait has a
+deadline.
 """
 
 from __future__ import annotations
@@ -118,6 +119,25 @@ def test_gpus_per_node_become_tasks_with_gres(tmp_path, corpus, slurm_cluster):
     assert [r["local_rank"] for r in seen] == [0, 1]
     assert all(r["slurm_gpus_on_node"] == "2" for r in seen), seen
     assert all(r["cuda_visible_devices"] for r in seen)
+
+
+def test_job_states_are_known_before_sacct_lists_the_job(tmp_path, slurm_cluster):
+    # sacct learns of a job from slurmdbd some time after the controller; until then it does not
+    # list it (or says PENDING). status/run/cancel must still see it as alive, never UNKNOWN.
+    out = subprocess.run(["sbatch", "--parsable", "--array=0-1", "--time=2", f"--output={tmp_path}/%A_%a.out",
+                          "--wrap", "sleep 30"], capture_output=True, text=True, timeout=60, check=True)  # fmt: skip
+    array = out.stdout.strip().split(";")[0]
+    ids = [f"{array}_0", f"{array}_1"]
+    try:
+        states = slurm_states(None, ids)
+        assert all(s.split()[0] in ("PENDING", "RUNNING", "CONFIGURING") for s in states.values()) and len(states) == 2, states
+    finally:
+        subprocess.run(["scancel", array], capture_output=True, timeout=60)
+    deadline = time.time() + 60
+    while not all((slurm_states(None, ids)[i] or "").startswith("CANCELLED") for i in ids):
+        assert time.time() < deadline, slurm_states(None, ids)
+        time.sleep(0.5)
+    assert slurm_states(None, ["999999"]).get("999999", "UNKNOWN") in ("UNKNOWN", "")  # an id SLURM never had
 
 
 def test_cancel_a_watched_array_then_resume(tmp_path, corpus, slurm_cluster):
