@@ -46,12 +46,12 @@ def prepare_data(sweep: Sweep) -> None:
 
 
 def live_states(sweep: Sweep) -> dict[str, str]:
-    """run id -> the scheduler's view of its latest job, for SLURM jobs (one sacct call) and local ones."""
+    """run id -> the scheduler's view of its latest job, for SLURM jobs (one squeue and one sacct call) and local ones."""
     jobs = read_jobs(sweep)
     slurm = {run_id: str(e["job_id"]) for run_id, e in jobs.items() if e.get("cluster") == "slurm"}
     try:
         states = slurm_states(sweep, list(slurm.values()))
-    except Exception:  # noqa: BLE001  (no sacct here: unknown)
+    except Exception:  # noqa: BLE001  (no SLURM client here: unknown)
         states = {}
     out = {run_id: states[job_id] for run_id, job_id in slurm.items() if states.get(job_id)}
     for run_id, entry in jobs.items():
