@@ -46,7 +46,7 @@ def prepare_data(sweep: Sweep) -> None:
 
 
 def live_states(sweep: Sweep) -> dict[str, str]:
-    """run id -> the scheduler's view of its latest job, for SLURM jobs (one squeue and one sacct call) and local ones."""
+    """run id -> the scheduler's view of its latest job: SLURM jobs (one squeue, one sacct call), local ones."""
     jobs = read_jobs(sweep)
     slurm = {run_id: str(e["job_id"]) for run_id, e in jobs.items() if e.get("cluster") == "slurm"}
     try:

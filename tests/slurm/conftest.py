@@ -129,6 +129,7 @@ def newest_checkpoint(checkpoints: Path) -> int:
     :func:`last_saved` says. A resume budget above this count is always reached exactly
     (fairseq takes one step before it checks ``--max-update``).
     """
-    found = [int(m.group(1)) for p in checkpoints.glob("checkpoint_*_*.pt") if (m := re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", p.name))]
+    names = [re.fullmatch(r"checkpoint_\d+_(\d+)\.pt", p.name) for p in checkpoints.glob("checkpoint_*_*.pt")]
+    found = [int(m.group(1)) for m in names if m]
     assert found, f"no interval checkpoint in {checkpoints}"
     return max(found)
