@@ -244,8 +244,15 @@ class Launch:
         if len(done) - done.count(FINISHED):
             parts.append(f"{len(done) - done.count(FINISHED)} failed/cancelled")
         running, pending = [], 0
+        live = {}
+        if self.cluster == "slurm":
+            from .cancel import squeue_states  # the controller's view; submitit's (sacct) lags behind it
+
+            live = squeue_states([str(h.job_id) for h in self.handles.values()])
         for run_id, handle in self.handles.items():
-            state = str(getattr(handle, "state", "") or "").split()[0] if self.cluster == "slurm" else "RUNNING"
+            state = "RUNNING"
+            if self.cluster == "slurm":
+                state = (live.get(str(handle.job_id)) or str(getattr(handle, "state", "") or "UNKNOWN")).split()[0]
             if state in ("PENDING", "REQUEUED", "CONFIGURING", "UNKNOWN", "READY"):
                 pending += 1
                 continue

@@ -145,7 +145,7 @@ def test_cancel_a_watched_array_then_resume(tmp_path, corpus, slurm_cluster):
                       fairseq__validate_interval_updates=1000)  # fmt: skip
     sweep_dir = tmp_path / "sweeps" / "scan"
     runs = ("softmax_s1", "clustered_s1")
-    watcher = subprocess.Popen([PY, "-m", "slurm", "run", str(path), "--cluster", "slurm", "--wait"], cwd=REPO,
+    watcher = subprocess.Popen([PY, "-m", "slurm", "run", str(path), "--cluster", "slurm", "--wait", "--progress-every", "2"], cwd=REPO,
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:
         deadline = time.time() + 180
@@ -167,6 +167,8 @@ def test_cancel_a_watched_array_then_resume(tmp_path, corpus, slurm_cluster):
     # The watching launch saw the jobs end and says so, with a non-zero exit.
     assert watcher.returncode == 1, out[-3000:]
     assert "2 of 2 launched run(s) did not finish" in out and out.count("  CANCELLED ") == 2, out[-3000:]
+    # Its progress lines saw the jobs run (squeue), even while sacct had not caught up.
+    assert re.search(r"\[sweep\] \d+m\d+s: 0 finished, 2 running \(softmax_s1 @ \d+ updates, clustered_s1 @", out), out[-3000:]
     saved, on_disk = {}, {}
     for run_id in runs:
         result = _result(sweep_dir, run_id)
