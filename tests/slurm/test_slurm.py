@@ -130,7 +130,8 @@ def test_job_states_are_known_before_sacct_lists_the_job(tmp_path, slurm_cluster
     ids = [f"{array}_0", f"{array}_1"]
     try:
         states = slurm_states(None, ids)
-        assert all(s.split()[0] in ("PENDING", "RUNNING", "CONFIGURING") for s in states.values()) and len(states) == 2, states
+        assert len(states) == 2, states
+        assert all(s.split()[0] in ("PENDING", "RUNNING", "CONFIGURING") for s in states.values()), states
     finally:
         subprocess.run(["scancel", array], capture_output=True, timeout=60)
     deadline = time.time() + 60
@@ -145,8 +146,8 @@ def test_cancel_a_watched_array_then_resume(tmp_path, corpus, slurm_cluster):
                       fairseq__validate_interval_updates=1000)  # fmt: skip
     sweep_dir = tmp_path / "sweeps" / "scan"
     runs = ("softmax_s1", "clustered_s1")
-    watcher = subprocess.Popen([PY, "-m", "slurm", "run", str(path), "--cluster", "slurm", "--wait", "--progress-every", "2"], cwd=REPO,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    watch = [PY, "-m", "slurm", "run", str(path), "--cluster", "slurm", "--wait", "--progress-every", "2"]
+    watcher = subprocess.Popen(watch, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.time() + 180
         while not all((sweep_dir / r / "checkpoints" / "checkpoint_last.pt").is_file() for r in runs):
