@@ -3,8 +3,8 @@
 1. A launch of the sweep that still runs local or debug jobs on this machine (it holds the sweep
    lock, which names its pid) gets SIGTERM: it cancels its running jobs, launches none of the
    queued ones, and exits.
-2. SLURM jobs still queued or running (``squeue``, else ``sacct``) are marked in ``jobs.json`` and ``scancel``-ed.
-   A ``run --wait`` watching them sees them end and reports them as cancelled.
+2. SLURM jobs still queued or running (``squeue``, else ``sacct``) are marked in ``jobs.json``
+   and ``scancel``-ed. A ``run --wait`` watching them sees them end and reports them as cancelled.
 3. Local jobs left by a launch that died: their submitit controller gets SIGINT (after checking
    its command line, so a recycled pid is never signalled).
 
@@ -22,7 +22,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from .launch import log, mark_cancelled
+from .launch import log, mark_cancelled, squeue_states
 from .runs import CANCELLED, lock_holder, read_jobs, read_result, record_jobs
 from .spec import Run, Sweep
 
@@ -50,24 +50,6 @@ def slurm_states(sweep: Sweep, job_ids: list[str]) -> dict[str, str]:
     states = {str(j): watcher.get_state(str(j), mode="cache") for j in job_ids}
     states.update(squeue_states([str(j) for j in job_ids]))
     return states
-
-
-def squeue_states(job_ids: list[str]) -> dict[str, str]:
-    """The controller's state of each job it still knows (``squeue``); {} if squeue cannot answer."""
-    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={','.join(job_ids)}"]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
-    if proc.returncode != 0:  # e.g. every id already purged: "Invalid job id specified"
-        return {}
-    wanted = set(job_ids)
-    found = {}
-    for line in proc.stdout.splitlines():
-        job_id, _, state = line.strip().partition("|")
-        if job_id in wanted and state:
-            found[job_id] = state
-    return found
 
 
 def is_alive(state: str | None) -> bool:

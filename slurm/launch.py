@@ -22,6 +22,7 @@ import contextlib
 import json
 import os
 import signal
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -146,6 +147,24 @@ def describe(resources: dict) -> str:
     return ", ".join(parts)
 
 
+def squeue_states(job_ids: list[str]) -> dict[str, str]:
+    """The controller's state of each job it still knows (``squeue``); {} if squeue cannot answer."""
+    cmd = ["squeue", "--noheader", "--array", "--states=all", "--format=%i|%T", f"--jobs={','.join(job_ids)}"]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if proc.returncode != 0:  # e.g. every id already purged: "Invalid job id specified"
+        return {}
+    wanted = set(job_ids)
+    found = {}
+    for line in proc.stdout.splitlines():
+        job_id, _, state = line.strip().partition("|")
+        if job_id in wanted and state:
+            found[job_id] = state
+    return found
+
+
 def _last_line(text: str | None) -> str:
     lines = [line.strip() for line in str(text or "").splitlines() if line.strip()]
     return lines[-1][:300] if lines else ""
@@ -244,10 +263,8 @@ class Launch:
         if len(done) - done.count(FINISHED):
             parts.append(f"{len(done) - done.count(FINISHED)} failed/cancelled")
         running, pending = [], 0
-        live = {}
+        live = {}  # the controller's view; submitit's handle state (sacct) lags behind it
         if self.cluster == "slurm":
-            from .cancel import squeue_states  # the controller's view; submitit's (sacct) lags behind it
-
             live = squeue_states([str(h.job_id) for h in self.handles.values()])
         for run_id, handle in self.handles.items():
             state = "RUNNING"

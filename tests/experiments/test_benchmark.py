@@ -2,8 +2,9 @@
 
 Not a speed test: nothing here asserts a time. It runs the real program (fresh processes per
 cell, as a user would) on a tiny grid and checks the CSV: every cell present, finite positive
-times pooled over the timing processes, and error columns that tell exact from approximate attention (i-clustered attention with
-topk >= L is exact; plain clustered attention with fewer clusters than queries is not).
+times pooled over the timing processes, and error columns that tell exact from approximate
+attention (i-clustered attention with topk >= L is exact; plain clustered attention with fewer
+clusters than queries is not).
 """
 
 import csv

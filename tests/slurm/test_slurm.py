@@ -135,8 +135,11 @@ def test_job_states_are_known_before_sacct_lists_the_job(tmp_path, slurm_cluster
     finally:
         subprocess.run(["scancel", array], capture_output=True, timeout=60)
     deadline = time.time() + 60
-    while not all((slurm_states(None, ids)[i] or "").startswith("CANCELLED") for i in ids):
-        assert time.time() < deadline, slurm_states(None, ids)
+    while True:
+        states = slurm_states(None, ids)
+        if all((states[i] or "").startswith("CANCELLED") for i in ids):
+            break
+        assert time.time() < deadline, states
         time.sleep(0.5)
     assert slurm_states(None, ["999999"]).get("999999", "UNKNOWN") in ("UNKNOWN", "")  # an id SLURM never had
 
