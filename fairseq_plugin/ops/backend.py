@@ -1,0 +1,93 @@
+"""Which implementation serves a tensor: the Triton kernels, the csrc/ C++ CPU kernels, or the reference.
+
+``implementation(t)`` is what the ops dispatch on, and what a user asks when a run is slow:
+
+* ``"triton"``: triton >= 3.6 is importable and ``t`` is a CUDA tensor of dtype float16,
+  bfloat16 or float32 (or an integer tensor, for codes and assignments); or ``t`` is a CPU tensor
+  and both ``TRITON_INTERPRET=1`` and ``FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` are set, so the kernels
+  run in Triton's interpreter (how the tests check them without a GPU);
+* ``"cpu"``: ``t`` is on the CPU and :func:`compiled.usable` accepts it (the csrc/ extension);
+* ``"reference"``: everything else (the PyTorch reference of every op).
+
+A CUDA tensor with Triton missing or older than 3.6 warns once, naming the version, and runs the
+reference. Triton is imported on the first question about a CUDA tensor (or under the
+interpreter switch), never at package import, and the answer is cached. The environment is read
+once too: set both variables before the first op runs (and before anything imports triton, since
+triton decides at ``@triton.jit`` time whether a kernel is interpreted).
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import compiled
+
+MIN_TRITON = (3, 6)
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+_triton_version: Optional[Tuple[str, bool]] = None  # (version or why missing, new enough)
+_on_cpu: Optional[bool] = None
+_warned = False
+
+
+def _parse(version: str) -> Tuple[int, ...]:
+    parts = []
+    for piece in version.split(".")[:2]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def triton_status() -> Tuple[str, bool]:
+    """(triton's version, or why it is missing; whether it is >= 3.6). Imports triton once."""
+    global _triton_version
+    if _triton_version is None:
+        try:
+            import triton
+
+            version = str(getattr(triton, "__version__", "0"))
+            _triton_version = (version, _parse(version) >= MIN_TRITON)
+        except Exception as err:  # ImportError, or a broken install
+            _triton_version = (f"not importable ({type(err).__name__}: {err})", False)
+    return _triton_version
+
+
+def triton_on_cpu() -> bool:
+    """Whether CPU tensors take the Triton path (TRITON_INTERPRET=1 and FAIRSEQ_PLUGIN_TRITON_ON_CPU=1)."""
+    global _on_cpu
+    if _on_cpu is None:
+        _on_cpu = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FAIRSEQ_PLUGIN_TRITON_ON_CPU") == "1"
+    return _on_cpu
+
+
+def _dtype_ok(t: Tensor) -> bool:
+    return t.dtype in _TRITON_DTYPES or not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
+
+
+def implementation(t: Tensor) -> str:
+    """``"triton"``, ``"cpu"`` (csrc/) or ``"reference"``: the implementation that serves ``t``."""
+    global _warned
+    if t.device.type == "cuda":
+        version, ok = triton_status()
+        if ok:
+            return "triton" if _dtype_ok(t) else "reference"
+        if not _warned:
+            _warned = True
+            warnings.warn(
+                f"fairseq_plugin: the Triton GPU kernels need triton >= {'.'.join(map(str, MIN_TRITON))}, "
+                f"found triton {version}; CUDA tensors run the PyTorch reference (correct but slow)",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+        return "reference"
+    if t.device.type == "cpu":
+        if triton_on_cpu() and _dtype_ok(t) and triton_status()[1]:
+            return "triton"
+        if compiled.usable(t):
+            return "cpu"
+    return "reference"
