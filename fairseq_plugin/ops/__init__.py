@@ -5,6 +5,7 @@ docs/ops-api.md. These are the PyTorch reference implementations (the oracle for
 kernels of csrc/, and their fallback). Nothing here imports fairseq.
 """
 
+from .backend import implementation
 from .clustered import ClusterInfo, clustered_attention, full_attention, improved_clustered_attention
 from .hardmax import HardmaxInfo, hardmax_attention
 from .hashing import draw_planes, lsh_hash
@@ -18,6 +19,7 @@ __all__ = [
     "full_attention",
     "hamming_kmeans",
     "hardmax_attention",
+    "implementation",
     "improved_clustered_attention",
     "lsh_hash",
 ]
