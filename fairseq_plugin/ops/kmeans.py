@@ -8,12 +8,13 @@ no part and get assignment -1.
 
 from __future__ import annotations
 
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
 from . import compiled
+from .backend import implementation
 from .checks import check_generator, check_int, check_mask, MAX_HASH_BITS
 from .hashing import unpack_bits
 
@@ -122,13 +123,17 @@ def hamming_kmeans(
     iterations: int = 10,
     padding_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
-) -> Tuple[Tensor, Tensor]:
+    return_order: bool = False,
+) -> Union[Tuple[Tensor, Tensor], Tuple[Tensor, Tensor, Tensor, Tensor]]:
     """Cluster int64 codes (N, H, L) into ``min(clusters, L)`` clusters.
 
     Returns ``(assignment, counts)``: assignment (N, H, L) int64 in [0, C) and -1 for padded
     queries, counts (N, H, C) int64 members per cluster. The initial centroids are distinct real
     queries drawn from ``generator`` (repeated when a row has fewer real queries than clusters).
-    Runs the compiled kernel when one is available (:mod:`.compiled`), else the reference.
+    With ``return_order`` also ``order`` (N, H, L) int32, the queries sorted by cluster (stable,
+    padded last), and ``offsets`` (N, H, C+1) int32: cluster j is ``order[..., offsets[j]:offsets[j+1]]``.
+    Runs the Triton kernel (which emits order/offsets without sorting) or the compiled one when
+    available (:func:`.backend.implementation`), else the reference.
     """
     if codes.dim() != 3 or codes.dtype != torch.int64:
         raise ValueError(f"codes must be an int64 tensor (N, H, L), got {codes.dtype} {tuple(codes.shape)}")
@@ -141,6 +146,23 @@ def hamming_kmeans(
     c = min(clusters, length)
     pad = padding_mask if padding_mask is not None else torch.zeros(n, length, dtype=torch.bool, device=codes.device)
     init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, pad, generator, codes.device)
+    if implementation(codes) == "triton":
+        from .triton import kmeans as triton_kmeans  # imports triton: only on this path
+
+        assignment, counts, order, offsets = triton_kmeans.hamming_kmeans(codes, init, reseed, padding_mask, hash_bits)
+        return (assignment, counts, order, offsets) if return_order else (assignment, counts)
     if compiled.usable(codes):
-        return torch.ops.fairseq_clustered.hamming_kmeans(codes, init, reseed, padding_mask, hash_bits)
-    return kmeans_from_seeds(codes, hash_bits, init, reseed, padding_mask)
+        assignment, counts = torch.ops.fairseq_clustered.hamming_kmeans(codes, init, reseed, padding_mask, hash_bits)
+    else:
+        assignment, counts = kmeans_from_seeds(codes, hash_bits, init, reseed, padding_mask)
+    return (assignment, counts, *cluster_order(assignment, counts)) if return_order else (assignment, counts)
+
+
+def cluster_order(assignment: Tensor, counts: Tensor) -> Tuple[Tensor, Tensor]:
+    """``(order, offsets)`` of :func:`hamming_kmeans` from an assignment (N, H, L) and counts (N, H, C),
+    by a stable sort (the Triton kernel gets them by counting instead)."""
+    c = counts.shape[-1]
+    order = torch.argsort(assignment.masked_fill(assignment < 0, c), dim=-1, stable=True).to(torch.int32)
+    offsets = torch.zeros(*counts.shape[:-1], c + 1, dtype=torch.int32, device=counts.device)
+    offsets[..., 1:] = counts.cumsum(-1)
+    return order, offsets

@@ -1,0 +1,263 @@
+"""Hamming k-means on packed LSH codes in Triton, parallel over chunks of queries.
+
+The reference is :func:`fairseq_plugin.ops.kmeans.kmeans_from_seeds`; given the same ``init`` and
+``reseed`` (drawn up front by ``draw_kmeans_seeds``) the assignments and counts are identical bit
+for bit. One Lloyd iteration is two launches:
+
+* ``_assign_kernel`` (grid: N·H × L/BLOCK_L): each program takes BLOCK_L queries, finds the
+  nearest centroid by popcount(h xor c) (ties to the lowest index) over chunks of BLOCK_C
+  centroids, and adds its per-cluster sizes and per-bit counts into int32 counters with atomics.
+  The per-bit counts of a chunk are one tile product, one-hot (BLOCK_C, BLOCK_L) @ bits
+  (BLOCK_L, 64), in fp16 with fp32 accumulation: exact, since every count is <= BLOCK_L.
+  Integer atomics make the counts deterministic.
+* ``_update_kernel`` (grid: N·H × C/BLOCK_C): majority vote (a tie votes 0), an empty cluster
+  takes the code of its ``reseed`` query, and the counters are zeroed for the next iteration.
+
+The last pass assigns once more and writes per-block cluster histograms (padding counted as
+cluster C); a cumulative sum over blocks gives every (block, cluster) its first slot, and
+``_order_kernel`` places each query at that slot plus its rank among the block's queries of the
+same cluster. So ``order`` (N, H, L) int32 lists the queries by cluster, stable, padded last,
+and ``offsets`` (N, H, C+1) int32 bounds cluster j at ``offsets[j]:offsets[j+1]`` (``offsets[C]``
+= the real queries). Nothing sorts, nothing syncs with the host, the grids depend on shapes only:
+the whole op can be captured in a CUDA graph.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+BLOCK_L = 64  # queries per program
+BLOCK_C = 64  # centroids per chunk
+BITS = 64  # the width of the per-bit counters (codes use at most 63)
+
+
+@triton.jit
+def _popcount(x):
+    """Bits set in each int64 of x (x >= 0; libdevice.popc fails under the interpreter)."""
+    x = x - ((x >> 1) & 0x5555555555555555)
+    x = (x & 0x3333333333333333) + ((x >> 2) & 0x3333333333333333)
+    x = (x + (x >> 4)) & 0x0F0F0F0F0F0F0F0F
+    x = x + (x >> 8)
+    x = x + (x >> 16)
+    x = x + (x >> 32)
+    return x & 0x7F
+
+
+@triton.jit
+def _assign_kernel(
+    codes_ptr,  # (NH, L) int64
+    real_ptr,  # (N, L) int8, 1 = a real query
+    cent_ptr,  # (NH, C) int64 centroid codes
+    ones_ptr,  # (NH, C, 64) int32 per-bit member counts, accumulated (not FINAL)
+    size_ptr,  # (NH, C) int32 members per cluster, accumulated (not FINAL)
+    assign_ptr,  # (NH, L) int64, written (FINAL)
+    hist_ptr,  # (NH, n_blocks, C + 1) int32 members per (block, cluster), written (FINAL)
+    code_mask,  # int64: the low hash_bits bits
+    L,
+    C,
+    H,
+    n_blocks,
+    BLOCK_L: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    FINAL: tl.constexpr,
+):
+    nh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    rows = blk * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
+    in_range = rows < L
+    codes = tl.load(codes_ptr + nh * L + rows, mask=in_range, other=0) & code_mask  # (BLOCK_L,)
+    real = tl.load(real_ptr + (nh // H) * L + rows, mask=in_range, other=0) != 0
+    cols = tl.arange(0, BLOCK_C)
+
+    best_d = tl.full([BLOCK_L], 127, tl.int32)  # above any distance (<= 63)
+    best_c = tl.zeros([BLOCK_L], tl.int32)
+    for c0 in range(0, C, BLOCK_C):
+        cs = c0 + cols  # (BLOCK_C,)
+        cent = tl.load(cent_ptr + nh * C + cs, mask=cs < C, other=0)
+        dist = _popcount(codes[:, None] ^ cent[None, :]).to(tl.int32)  # (BLOCK_L, BLOCK_C)
+        dist = tl.where((cs < C)[None, :], dist, 127)
+        d_min = tl.min(dist, axis=1)
+        c_min = tl.min(tl.where(dist == d_min[:, None], cs[None, :], 1 << 30), axis=1)  # lowest index
+        better = d_min < best_d  # strict: an earlier chunk wins a tie
+        best_c = tl.where(better, c_min, best_c)
+        best_d = tl.where(better, d_min, best_d)
+
+    if FINAL:
+        tl.store(assign_ptr + nh * L + rows, tl.where(real, best_c, -1).to(tl.int64), mask=in_range)
+        hist_row = hist_ptr + (nh * n_blocks + blk) * (C + 1)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + cols
+            member = (best_c[None, :] == cs[:, None]) & real[None, :]  # (BLOCK_C, BLOCK_L)
+            tl.store(hist_row + cs, tl.sum(member.to(tl.int32), axis=1), mask=cs < C)
+        padded = in_range & (real == 0)
+        tl.store(hist_row + C, tl.sum(padded.to(tl.int32), axis=0))
+    else:
+        bit = tl.arange(0, 64)
+        bits = ((codes[:, None] >> bit[None, :].to(tl.int64)) & 1).to(tl.float16)  # (BLOCK_L, 64)
+        for c0 in range(0, C, BLOCK_C):
+            cs = c0 + cols
+            member = (best_c[None, :] == cs[:, None]) & real[None, :]  # (BLOCK_C, BLOCK_L)
+            size = tl.sum(member.to(tl.int32), axis=1)  # (BLOCK_C,)
+            ones = tl.dot(member.to(tl.float16), bits).to(tl.int32)  # (BLOCK_C, 64), exact
+            present = (size > 0) & (cs < C)
+            tl.atomic_add(size_ptr + nh * C + cs, size, mask=present)
+            ones_at = ones_ptr + (nh * C + cs)[:, None] * 64 + bit[None, :]
+            tl.atomic_add(ones_at, ones, mask=present[:, None] & (ones > 0))
+
+
+@triton.jit
+def _update_kernel(
+    codes_ptr,  # (NH, L) int64
+    cent_ptr,  # (NH, C) int64, overwritten
+    ones_ptr,  # (NH, C, 64) int32, read then zeroed
+    size_ptr,  # (NH, C) int32, read then zeroed
+    reseed_ptr,  # (NH, C) int64 query positions for empty clusters (this iteration's)
+    code_mask,
+    L,
+    C,
+    BLOCK_C: tl.constexpr,
+):
+    nh = tl.program_id(0).to(tl.int64)
+    cs = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)  # (BLOCK_C,)
+    valid = cs < C
+    bit = tl.arange(0, 64)
+    ones_at = ones_ptr + (nh * C + cs)[:, None] * 64 + bit[None, :]
+    ones = tl.load(ones_at, mask=valid[:, None], other=0)  # (BLOCK_C, 64)
+    size = tl.load(size_ptr + nh * C + cs, mask=valid, other=0)  # (BLOCK_C,)
+    vote = (2 * ones > size[:, None]).to(tl.int64)  # majority; a tie votes 0
+    packed = tl.sum(vote << bit[None, :].to(tl.int64), axis=1)  # distinct bits: sum = or
+    seed = tl.load(reseed_ptr + nh * C + cs, mask=valid, other=0)
+    seed_code = tl.load(codes_ptr + nh * L + seed, mask=valid, other=0) & code_mask
+    tl.store(cent_ptr + nh * C + cs, tl.where(size == 0, seed_code, packed), mask=valid)
+    tl.store(ones_at, tl.zeros([BLOCK_C, 64], tl.int32), mask=valid[:, None])
+    tl.store(size_ptr + nh * C + cs, tl.zeros([BLOCK_C], tl.int32), mask=valid)
+
+
+@triton.jit
+def _order_kernel(
+    assign_ptr,  # (NH, L) int64, -1 = padded
+    base_ptr,  # (NH, n_blocks, C + 1) int32 first slot of each (block, cluster)
+    order_ptr,  # (NH, L) int32, written
+    L,
+    C,
+    n_blocks,
+    BLOCK_L: tl.constexpr,
+):
+    nh = tl.program_id(0).to(tl.int64)
+    blk = tl.program_id(1)
+    rows = blk * BLOCK_L + tl.arange(0, BLOCK_L)
+    in_range = rows < L
+    a = tl.load(assign_ptr + nh * L + rows, mask=in_range, other=-1)
+    key = tl.where(a < 0, C, a).to(tl.int32)  # padding sorts last, as cluster C
+    base = tl.load(base_ptr + (nh * n_blocks + blk) * (C + 1) + key, mask=in_range, other=0)
+    j = tl.arange(0, BLOCK_L)
+    earlier = (key[None, :] == key[:, None]) & (j[None, :] < j[:, None]) & in_range[None, :]  # (BLOCK_L, BLOCK_L)
+    slot = base + tl.sum(earlier.to(tl.int32), axis=1)
+    tl.store(order_ptr + nh * L + slot, rows.to(tl.int32), mask=in_range)
+
+
+_SCALARS = {"code_mask": "i64", "L": "i32", "C": "i32", "H": "i32", "n_blocks": "i32"}
+CONFIGS = [
+    {
+        "kernel": _assign_kernel,
+        "signature": {
+            "codes_ptr": "*i64", "real_ptr": "*i8", "cent_ptr": "*i64", "ones_ptr": "*i32", "size_ptr": "*i32",
+            "assign_ptr": "*i64", "hist_ptr": "*i32", **_SCALARS,
+        },
+        "constexprs": {"BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "FINAL": final},
+        "tile_products": not final,
+    }
+    for final in (False, True)
+] + [
+    {
+        "kernel": _update_kernel,
+        "signature": {
+            "codes_ptr": "*i64", "cent_ptr": "*i64", "ones_ptr": "*i32", "size_ptr": "*i32", "reseed_ptr": "*i64",
+            "code_mask": "i64", "L": "i32", "C": "i32",
+        },
+        "constexprs": {"BLOCK_C": BLOCK_C},
+    },
+    {
+        "kernel": _order_kernel,
+        "signature": {"assign_ptr": "*i64", "base_ptr": "*i32", "order_ptr": "*i32", "L": "i32", "C": "i32", "n_blocks": "i32"},
+        "constexprs": {"BLOCK_L": BLOCK_L},
+    },
+]
+
+
+def _check(codes: Tensor, init: Tensor, reseed: Tensor, padding_mask: Optional[Tensor], hash_bits: int) -> None:
+    if codes.dtype != torch.int64 or codes.dim() != 3:
+        raise ValueError(f"codes must be an int64 tensor (N, H, L), got {codes.dtype} {tuple(codes.shape)}")
+    n, h, length = codes.shape
+    if init.dtype != torch.int64 or init.dim() != 3 or init.shape[:2] != codes.shape[:2] or init.shape[2] < 1:
+        raise ValueError(f"init must be an int64 tensor (N={n}, H={h}, C>=1), got {init.dtype} {tuple(init.shape)}")
+    if reseed.dtype != torch.int64 or reseed.dim() != 4 or reseed.shape[1:] != init.shape:
+        raise ValueError(f"reseed must be an int64 tensor (I, {n}, {h}, {init.shape[2]}), got {reseed.dtype} {tuple(reseed.shape)}")
+    if padding_mask is not None and (padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (n, length)):
+        raise ValueError(f"padding_mask must be a bool tensor ({n}, {length}), got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+    for name, t in (("init", init), ("reseed", reseed), ("padding_mask", padding_mask)):
+        if t is not None and t.device != codes.device:
+            raise ValueError(f"{name} must be on {codes.device} like codes, got {t.device}")
+    if not 1 <= hash_bits <= 63:
+        raise ValueError(f"hash_bits must be in [1, 63], got {hash_bits}")
+
+
+@torch.library.custom_op("fairseq_clustered_triton::hamming_kmeans", mutates_args=())
+def hamming_kmeans(
+    codes: Tensor, init: Tensor, reseed: Tensor, padding_mask: Optional[Tensor], hash_bits: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``reseed.shape[0]`` Lloyd iterations from the centroids ``codes[init]``, then a final assignment.
+
+    Returns ``(assignment, counts, order, offsets)``: assignment (N, H, L) int64 (-1 = padded),
+    counts (N, H, C) int64, order (N, H, L) int32 and offsets (N, H, C+1) int32 (module docstring).
+    """
+    _check(codes, init, reseed, padding_mask, hash_bits)
+    n, h, length = codes.shape
+    c, nh = init.shape[2], n * h
+    n_blocks = triton.cdiv(length, BLOCK_L)
+    code_mask = (1 << hash_bits) - 1
+    codes = codes.contiguous()
+    cent = (codes & code_mask).gather(2, init).contiguous()  # (N, H, C)
+    if padding_mask is None:
+        real = torch.ones(n, length, dtype=torch.int8, device=codes.device)
+    else:
+        real = (~padding_mask).to(torch.int8).contiguous()
+    ones = torch.zeros(nh, c, BITS, dtype=torch.int32, device=codes.device)
+    size = torch.zeros(nh, c, dtype=torch.int32, device=codes.device)
+    assignment = torch.empty(n, h, length, dtype=torch.int64, device=codes.device)
+    hist = torch.empty(nh, n_blocks, c + 1, dtype=torch.int32, device=codes.device)
+    reseed = reseed.contiguous()
+    assign_grid, update_grid = (nh, n_blocks), (nh, triton.cdiv(c, BLOCK_C))
+    args = (codes, real, cent, ones, size, assignment, hist, code_mask, length, c, h, n_blocks)
+    for step in range(reseed.shape[0]):
+        _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=False)
+        _update_kernel[update_grid](codes, cent, ones, size, reseed[step], code_mask, length, c, BLOCK_C=BLOCK_C)
+    _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=True)
+
+    # Counting sort: cluster j's slots start at offsets[j]; block b's members of j follow those
+    # of the blocks before it.
+    members = hist.sum(1, dtype=torch.int32)  # (NH, C + 1), the last column counts padding
+    offsets = torch.zeros(nh, c + 2, dtype=torch.int32, device=codes.device)
+    offsets[:, 1:] = members.cumsum(1, dtype=torch.int32)
+    base = offsets[:, None, : c + 1] + hist.cumsum(1, dtype=torch.int32) - hist  # (NH, n_blocks, C + 1)
+    order = torch.empty(n, h, length, dtype=torch.int32, device=codes.device)
+    _order_kernel[assign_grid](assignment, base.contiguous(), order, length, c, n_blocks, BLOCK_L=BLOCK_L)
+    counts = members[:, :c].to(torch.int64).view(n, h, c)
+    return assignment, counts, order, offsets[:, : c + 1].reshape(n, h, c + 1)
+
+
+@hamming_kmeans.register_fake
+def _(codes, init, reseed, padding_mask, hash_bits):
+    n, h, length = codes.shape
+    c = init.shape[2]
+    return (
+        codes.new_empty(n, h, length),
+        codes.new_empty(n, h, c),
+        codes.new_empty(n, h, length, dtype=torch.int32),
+        codes.new_empty(n, h, c + 1, dtype=torch.int32),
+    )
