@@ -1,20 +1,36 @@
 """fairseq --user-dir plugin: encoders with softmax, clustered, i-clustered or hardmax attention.
 
-Importing the package registers the models, architectures and criterions with fairseq and,
-only inside fairseq's own command-line tools, installs one-line errors for missing inputs
-(cli_errors) and the model options in ``--help`` (cli_help). Without fairseq installed only
-:mod:`fairseq_plugin.ops` is usable (e.g. a GPU machine that runs the kernels' tests).
+The plugin registers itself with fairseq when fairseq loads it (``--user-dir fairseq_plugin``,
+which imports this package after fairseq) or when :func:`register` is called. Registration adds
+the models, architectures, tasks and criterions, the checkpoint allowlist (:mod:`.checkpoints`)
+and, only inside fairseq's own command-line tools, one-line errors (:mod:`.cli_errors`) and the
+model options in ``--help`` (:mod:`.cli_help`).
+
+Importing :mod:`fairseq_plugin.ops` alone (the functional attention API) has no side effect: it
+imports no fairseq, sets no environment variable and installs no hook.
 """
 
-import os
-from importlib.util import find_spec
+import sys
 
-# torch >= 2.6 loads with weights_only=True, which rejects the argparse.Namespace inside fairseq
-# checkpoints (DESIGN.md §5). setdefault: a user's explicit choice stands.
-os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+__all__ = ["register"]
 
-if find_spec("fairseq") is not None:
-    from . import cli_errors, cli_help, criterions, models  # noqa: E402,F401
 
+def register() -> None:
+    """Register the plugin with fairseq (idempotent). Call it in a script or notebook that
+    imports ``fairseq_plugin`` before fairseq; ``--user-dir`` does it by itself."""
+    try:
+        import fairseq  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"fairseq_plugin.register() needs fairseq ({err}); install it with bash scripts/setup.sh, "
+            "or use fairseq_plugin.ops alone, which does not need it"
+        ) from None
+    from . import checkpoints, cli_errors, cli_help, criterions, models, tasks  # noqa: F401
+
+    checkpoints.install()
     cli_errors.install()
     cli_help.install()
+
+
+if "fairseq" in sys.modules:  # imported by fairseq (--user-dir) or after it
+    register()
