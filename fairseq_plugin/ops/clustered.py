@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import compiled
+from .backend import implementation
 from .checks import check_clustering, check_generator, check_int, check_masks, check_positive, check_qkv
 from .hashing import draw_planes, lsh_hash
 from .kmeans import _one_hot, hamming_kmeans
@@ -78,6 +79,11 @@ def _cluster_queries(
     planes = draw_planes(hash_bits, q.shape[-1], hash_bias, generator, q.device)
     codes = lsh_hash(q.detach(), planes)  # (N, H, L)
     assignment, counts = hamming_kmeans(codes, hash_bits, clusters, iterations, query_padding_mask, generator)
+    if implementation(q) == "triton":
+        from .triton import aggregate  # imports triton: only on this path
+
+        sums = aggregate.cluster_sum(q, assignment, counts.shape[-1])  # (N, H, C, E) float32
+        return assignment, counts, (sums / counts.clamp_min(1).unsqueeze(-1)).to(q.dtype)
     if compiled.usable(q):
         sums = torch.ops.fairseq_clustered.cluster_sum(q, assignment, counts.shape[-1])  # (N, H, C, E)
     else:
@@ -90,6 +96,10 @@ def _cluster_queries(
 def _broadcast(per_cluster: Tensor, assignment: Tensor) -> Tensor:
     """Give each query its cluster's row: (N, H, C, M) -> (N, H, L, M) (padded queries: row 0 in
     the reference, zeros compiled; both are zeroed afterwards)."""
+    if implementation(per_cluster) == "triton":
+        from .triton import aggregate
+
+        return aggregate.cluster_broadcast(per_cluster, assignment)
     if compiled.usable(per_cluster):
         return torch.ops.fairseq_clustered.cluster_broadcast(per_cluster, assignment)
     index = assignment.clamp_min(0).unsqueeze(-1).expand(*assignment.shape, per_cluster.shape[-1])
