@@ -8,6 +8,7 @@ import torch
 from torch import Tensor
 
 from . import compiled
+from .backend import implementation
 from .checks import MAX_HASH_BITS, check_int
 
 
@@ -59,7 +60,14 @@ def lsh_hash(x: Tensor, planes: Tensor) -> Tensor:
     """Hash vectors x (..., E) with hyperplanes (B, E + 1) into int64 codes (...), bit b = plane b.
 
     Runs the compiled kernel when one is available (:mod:`.compiled`): the same projection GEMM
-    with the threshold and the packing fused, so the codes are identical to the reference's."""
+    with the threshold and the packing fused, so the codes are identical to the reference's. The
+    Triton kernel (:func:`.backend.implementation`) fuses them too; its projections are summed in
+    another order, so a projection within a few ulps of its threshold may flip its bit
+    (:mod:`.triton.hashing`)."""
+    if implementation(x) == "triton" and x.shape[-1] == planes.shape[1] - 1:
+        from .triton import hashing  # imports triton: only on this path
+
+        return hashing.lsh_hash(x, planes)
     if compiled.usable(x) and x.shape[-1] == planes.shape[1] - 1:
         return torch.ops.fairseq_clustered.lsh_hash(x, planes)
     return pack_bits(hash_bits_of(x, planes))
