@@ -248,7 +248,7 @@ def hamming_kmeans(
     order = torch.empty(n, h, length, dtype=torch.int32, device=codes.device)
     _order_kernel[assign_grid](assignment, base.contiguous(), order, length, c, n_blocks, BLOCK_L=BLOCK_L)
     counts = members[:, :c].to(torch.int64).view(n, h, c)
-    return assignment, counts, order, offsets[:, : c + 1].reshape(n, h, c + 1)
+    return assignment, counts, order, offsets[:, : c + 1].reshape(n, h, c + 1).contiguous()
 
 
 @hamming_kmeans.register_fake

@@ -1,0 +1,294 @@
+"""The Triton clustering kernels (hashing, k-means, cluster sum/broadcast) against the reference,
+run on CPU tensors in Triton's interpreter.
+
+The interpreter must be chosen before triton is first imported, and the suite runs in one process
+where another test may have imported it already. So in the suite, ``test_interpreted`` runs this
+file again in a subprocess with ``TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1``, where the
+kernel tests run (they are skipped in the parent, saying so). Run them directly with:
+
+    TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1 pytest -q tests/ops/test_triton_clustering.py
+
+Inputs are fresh random draws (the seed is in every failure message). The interpreter does not
+check bounds, so the harness asserts every index range before and after a launch.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FAIRSEQ_PLUGIN_TRITON_ON_CPU") == "1"
+kernels = pytest.mark.skipif(not INTERPRETED, reason="runs in the subprocess of test_interpreted (Triton interpreter)")
+SEED = int.from_bytes(os.urandom(4), "little")
+
+
+@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+def test_interpreted():
+    pytest.importorskip("triton")
+    env = dict(os.environ, TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1", OMP_NUM_THREADS="1")
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def _gen(salt: int) -> torch.Generator:
+    return torch.Generator().manual_seed(SEED * 1000 + salt)
+
+
+def _msg(**kw) -> str:
+    return f"SEED={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items())
+
+
+@kernels
+def test_implementation_says_triton():
+    from fairseq_plugin.ops import implementation
+
+    assert implementation(torch.zeros(2)) == "triton"
+    assert implementation(torch.zeros(2, dtype=torch.float16)) == "triton"
+    assert implementation(torch.zeros(2, dtype=torch.int64)) == "triton"
+    assert implementation(torch.zeros(2, dtype=torch.float64)) != "triton"
+
+
+# hashing ------------------------------------------------------------------------------------
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("bits", [1, 17, 63])
+def test_hash_bit_identical_when_projections_are_exact(dtype, bits):
+    """Small integers: every product and partial sum is exact in fp32, so the projections are the
+    reference's whatever the summation order, and the codes must be identical (ties included)."""
+    from fairseq_plugin.ops import hashing
+    from fairseq_plugin.ops.triton import hashing as triton_hashing
+
+    g = _gen(bits)
+    x = torch.randint(-4, 5, (2, 3, 70, 40), generator=g).to(dtype)  # 420 rows: not a multiple of the block
+    planes = torch.randint(-4, 5, (bits, 41), generator=g).float()
+    codes = triton_hashing.lsh_hash(x, planes)
+    ref = hashing.pack_bits(hashing.hash_bits_of(x, planes))
+    assert codes.dtype == torch.int64 and codes.shape == (2, 3, 70)
+    assert torch.equal(codes, ref), _msg(dtype=dtype, bits=bits)
+    assert int(codes.min()) >= 0 and int(codes.max()) < 2**bits
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hash_random_differs_only_at_the_threshold(dtype):
+    from fairseq_plugin.ops import hashing, lsh_hash
+
+    g = _gen(2)
+    x = torch.randn(1, 2, 90, 72, generator=g).to(dtype)  # E = 72: three feature tiles, the last partial
+    planes = hashing.draw_planes(63, 72, True, g)
+    codes = lsh_hash(x, planes)  # through the dispatcher
+    proj = x.float() @ planes[:, :72].T - planes[:, 72]  # (..., B)
+    differ = hashing.unpack_bits(codes, 63) != (proj > 0)
+    assert (proj.abs()[differ] < 1e-4).all(), _msg(dtype=dtype, max_margin=proj.abs()[differ].max())
+
+
+# k-means ------------------------------------------------------------------------------------
+
+
+def _kmeans_case(name: str, g: torch.Generator):
+    """codes (N, H, L), hash_bits, clusters, iterations, padding mask for the named edge case."""
+    if name == "plain":
+        n, h, length, bits, c, it = 2, 2, 100, 8, 5, 3  # L not a multiple of the block
+        codes = torch.randint(0, 2**bits, (n, h, length), generator=g)
+        pad = torch.zeros(n, length, dtype=torch.bool)
+        pad[1, 61:] = True
+        return codes, bits, c, it, pad
+    if name == "many_clusters":  # C > BLOCK_C: two centroid chunks
+        codes = torch.randint(0, 2**20, (1, 2, 150), generator=g)
+        return codes, 20, 70, 2, None
+    if name == "l_below_c":  # L < C: clusters = L
+        return torch.randint(0, 2**10, (1, 2, 6), generator=g), 10, 9, 2, None
+    if name == "empty_cluster":  # 3 real queries for 8 clusters: duplicate seeds leave clusters empty
+        pad = torch.zeros(2, 10, dtype=torch.bool)
+        pad[:, 3:] = True
+        return torch.randint(0, 2**16, (2, 1, 10), generator=g), 16, 8, 3, pad
+    if name == "skewed":  # 90% of the queries share one code
+        codes = torch.randint(0, 2**63 - 1, (1, 2, 130), generator=g)
+        same = torch.rand(1, 2, 130, generator=g) < 0.9
+        return codes.masked_fill(same, 12345), 63, 6, 3, None
+    if name == "single":
+        return torch.randint(0, 2, (1, 1, 1), generator=g), 1, 4, 2, None
+    if name == "one_bit":
+        return torch.randint(0, 2, (1, 2, 80), generator=g), 1, 3, 2, None
+    if name == "high_bits_ignored":  # bits >= hash_bits must not count
+        return torch.randint(0, 2**62, (1, 1, 70), generator=g), 5, 4, 2, None
+    raise KeyError(name)
+
+
+KMEANS_CASES = ["plain", "many_clusters", "l_below_c", "empty_cluster", "skewed", "single", "one_bit",
+                "high_bits_ignored"]
+
+
+@kernels
+@pytest.mark.parametrize("case", KMEANS_CASES)
+def test_kmeans_bit_identical_to_the_reference(case):
+    from fairseq_plugin.ops.kmeans import cluster_order, draw_kmeans_seeds, kmeans_from_seeds
+    from fairseq_plugin.ops.triton import kmeans as triton_kmeans
+
+    g = _gen(KMEANS_CASES.index(case))
+    codes, bits, clusters, iterations, pad = _kmeans_case(case, g)
+    n, h, length = codes.shape
+    c = min(clusters, length)
+    full_pad = pad if pad is not None else torch.zeros(n, length, dtype=torch.bool)
+    init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, full_pad, g, codes.device)
+    for name, idx in (("init", init), ("reseed", reseed)):  # the kernels index codes with these
+        assert int(idx.min()) >= 0 and int(idx.max()) < length, name
+
+    assignment, counts, order, offsets = triton_kmeans.hamming_kmeans(codes, init, reseed, pad, bits)
+    ref_assignment, ref_counts = kmeans_from_seeds(codes, bits, init, reseed, pad)
+    msg = _msg(case=case)
+    assert assignment.dtype == torch.int64 and counts.dtype == torch.int64, msg
+    assert int(assignment.min()) >= -1 and int(assignment.max()) < c, msg
+    assert torch.equal(assignment, ref_assignment), msg
+    assert torch.equal(counts, ref_counts), msg
+    # order/offsets: the stable sort of the assignment, padding last
+    assert order.dtype == torch.int32 and offsets.dtype == torch.int32 and offsets.shape == (n, h, c + 1), msg
+    assert int(order.min()) >= 0 and int(order.max()) < length, msg
+    ref_order, ref_offsets = cluster_order(ref_assignment, ref_counts)
+    assert torch.equal(order, ref_order), msg
+    assert torch.equal(offsets, ref_offsets), msg
+    if case == "empty_cluster":  # the case really exercises the reseed
+        _, first_counts = kmeans_from_seeds(codes, bits, init, reseed[:0], pad)
+        assert (first_counts == 0).any()
+    if case == "skewed":
+        assert counts.max() >= 0.85 * length
+
+
+@kernels
+def test_kmeans_dispatch_returns_order():
+    from fairseq_plugin.ops import hamming_kmeans
+
+    codes = torch.randint(0, 2**12, (1, 2, 40), generator=_gen(7))
+    assignment, counts, order, offsets = hamming_kmeans(codes, 12, 5, 2, generator=_gen(8), return_order=True)
+    assert torch.equal(offsets[..., 1:] - offsets[..., :-1], counts.to(torch.int32))
+    assert torch.equal(assignment.gather(-1, order.long()).diff(dim=-1) >= 0, torch.ones(1, 2, 39, dtype=torch.bool))
+
+
+# cluster sum / broadcast ---------------------------------------------------------------------
+
+
+def _reference_sum(x, assignment, c):
+    from fairseq_plugin.ops.kmeans import _one_hot
+
+    return _one_hot(assignment, c, torch.float64).transpose(-1, -2) @ x.double()  # (N, H, C, E)
+
+
+def _reference_broadcast(y, assignment):
+    index = assignment.clamp_min(0).unsqueeze(-1).expand(*assignment.shape, y.shape[-1])
+    return y.gather(2, index) * (assignment >= 0).unsqueeze(-1)
+
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+@kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(2, 2, 70, 5, 20), (1, 1, 130, 70, 80), (1, 1, 1, 1, 3)])
+def test_cluster_sum_and_broadcast(dtype, shape):
+    from fairseq_plugin.ops.triton import aggregate
+
+    n, h, length, c, e = shape
+    g = _gen(length + c)
+    x = torch.randn(n, h, length, e, generator=g).to(dtype).requires_grad_()
+    assignment = torch.randint(-1, c, (n, h, length), generator=g)  # -1: padded
+    if length > 100:  # a 90% cluster
+        assignment = assignment.masked_fill(torch.rand(n, h, length, generator=g) < 0.9, 3)
+    assert int(assignment.max()) < c
+    msg = _msg(dtype=dtype, shape=shape)
+
+    sums = aggregate.cluster_sum(x, assignment, c)
+    assert sums.dtype == torch.float32 and sums.shape == (n, h, c, e), msg
+    ref = _reference_sum(x.detach(), assignment, c)
+    scale = ref.abs().max().clamp_min(1)
+    assert ((sums.double() - ref).abs().max() / scale) < 1e-5, msg  # exact products, fp32 sums
+    grad = torch.randn(n, h, c, e, generator=g)
+    sums.backward(grad)
+    assert x.grad.dtype == dtype, msg
+    torch.testing.assert_close(x.grad.double(), _reference_broadcast(grad.double(), assignment).to(dtype).double(),
+                               rtol=0, atol=0, msg=msg)
+
+    y = torch.randn(n, h, c, e, generator=g).to(dtype).requires_grad_()
+    out = aggregate.cluster_broadcast(y, assignment)
+    assert out.dtype == dtype and torch.equal(out, _reference_broadcast(y.detach(), assignment)), msg
+    grad_out = torch.randn(n, h, length, e, generator=g).to(dtype)
+    out.backward(grad_out)
+    ref_grad = _reference_sum(grad_out, assignment, c)
+    assert ((y.grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1)) < TOL[dtype], msg
+
+
+@kernels
+def test_cluster_sum_fp16_does_not_overflow():
+    from fairseq_plugin.ops.triton import aggregate
+
+    x = torch.full((1, 1, 100, 8), 1000.0, dtype=torch.float16)
+    sums = aggregate.cluster_sum(x, torch.zeros(1, 1, 100, dtype=torch.int64), 2)
+    assert sums[0, 0, 0].eq(100000.0).all() and sums[0, 0, 1].eq(0).all()  # > 65504
+
+
+@kernels
+def test_clustered_attention_matches_the_reference(monkeypatch):
+    """End to end through the dispatcher: hash, k-means, centroids, broadcast, forward and backward."""
+    from fairseq_plugin.ops import backend, clustered_attention
+
+    g = _gen(11)
+    q, k, v = (torch.randn(1, 2, 75, 16, generator=g, requires_grad=True) for _ in range(3))
+    pad = torch.zeros(1, 75, dtype=torch.bool)
+    pad[0, 70:] = True
+    kw = dict(clusters=6, hash_bits=31, iterations=3, query_padding_mask=pad, key_padding_mask=pad,
+              return_clusters=True)
+    out, info = clustered_attention(q, k, v, generator=torch.Generator().manual_seed(SEED), **kw)
+    grads = torch.autograd.grad(out.square().sum(), (q, k, v))
+    monkeypatch.setattr(backend, "_on_cpu", False)  # now the csrc/ ops or the reference
+    assert backend.implementation(q) != "triton"
+    ref, ref_info = clustered_attention(q, k, v, generator=torch.Generator().manual_seed(SEED), **kw)
+    ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
+    assert torch.equal(info.assignment, ref_info.assignment), _msg()
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=_msg())
+    for got, want in zip(grads, ref_grads):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5, msg=_msg())
+
+
+# registration and bad input -----------------------------------------------------------------
+
+
+@kernels
+def test_opcheck():
+    from fairseq_plugin.ops.kmeans import draw_kmeans_seeds
+    from fairseq_plugin.ops.triton import aggregate, hashing, kmeans
+
+    g = _gen(12)
+    x = torch.randn(1, 2, 20, 8, generator=g)
+    assignment = torch.randint(-1, 3, (1, 2, 20), generator=g)
+    codes = torch.randint(0, 2**9, (1, 2, 20), generator=g)
+    pad = torch.zeros(1, 20, dtype=torch.bool)
+    pad[0, 15:] = True
+    init, reseed = draw_kmeans_seeds(1, 2, 20, 3, 2, pad, g, codes.device)
+    torch.library.opcheck(hashing.lsh_hash, (x, torch.randn(9, 9, generator=g)))
+    torch.library.opcheck(kmeans.hamming_kmeans, (codes, init, reseed, pad, 9))
+    torch.library.opcheck(aggregate.cluster_sum, (x.requires_grad_(), assignment, 3))
+    torch.library.opcheck(aggregate.cluster_broadcast, (torch.randn(1, 2, 3, 8, requires_grad=True), assignment))
+
+
+@kernels
+def test_bad_input_names_the_argument():
+    from fairseq_plugin.ops.triton import aggregate, hashing, kmeans
+
+    a = torch.zeros(1, 1, 4, dtype=torch.int64)
+    with pytest.raises(TypeError, match="^x must be"):
+        aggregate.cluster_sum(torch.zeros(1, 1, 4, 2, dtype=torch.float64), a, 2)
+    with pytest.raises(ValueError, match="^assignment must be"):
+        aggregate.cluster_broadcast(torch.zeros(1, 1, 2, 2), a.int())
+    with pytest.raises(ValueError, match="^planes must be"):
+        hashing.lsh_hash(torch.zeros(3, 4), torch.zeros(2, 4))
+    with pytest.raises(ValueError, match="^init must be"):
+        kmeans.hamming_kmeans(a, torch.zeros(1, 2, 2, dtype=torch.int64), torch.zeros(1, 1, 1, 2, dtype=torch.int64),
+                              None, 4)
