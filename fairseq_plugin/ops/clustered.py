@@ -204,6 +204,14 @@ def improved_clustered_attention(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
     kk = min(topk, k.shape[2])
+    if implementation(q) == "triton":
+        from .triton import sparse  # imports triton: only on this path
+
+        # Centroid softmax + top-k + m̂ in one kernel per row, rest in fp32, and the top-k attention
+        # over tiles of (cluster, queries), which writes m̂·O + rest directly.
+        topk_mass, out = sparse.topk_products(q, k, v, centroids, assignment, kk, scale, key_padding_mask)
+        out = _zero_padded_queries(out, query_padding_mask)
+        return (out, ClusterInfo(assignment, counts, topk_mass.detach())) if return_clusters else out
     if compiled.usable(q):
         # softmax and the top-k selection in one operator; the exact products over each cluster's
         # top-k keys without gathering them per query.

@@ -1,0 +1,238 @@
+"""Centroid attention + per-cluster top-k in one fused Triton kernel per row (DESIGN.md §2).
+
+``softmax_topk(scores, key_padding_mask, topk)`` takes the centroid scores τ·Q_c Kᵀ in float32
+(N, H, C, S) (a GEMM, left to torch) and returns, per cluster row j:
+
+* ``rest_weights`` (N, H, C, S) fp32: A^c_j with its top-k entries zeroed (the weights of
+  ``rest_j = Σ_{t∉T_j} A^c_jt v_t``, which the caller multiplies by V in fp32: no cancellation);
+* ``top`` (N, H, C, k) int32: the top-k keys, by weight descending, ties to the lowest key index,
+  padded keys ranked below every real key (they fill the set when k exceeds the real keys, with
+  weight 0). Always in [0, S), whatever the scores hold;
+* ``top_weights`` (N, H, C, k) fp32: A^c_jt for t in T_j;
+* ``mass`` (N, H, C) fp32: m̂_j = Σ_{t∈T_j} A^c_jt.
+
+A NaN or +inf score, or a row whose keys are all padded, makes every weight of that row NaN.
+Gradients flow to ``scores`` from ``rest_weights``, ``top_weights`` and ``mass`` (the softmax
+backward, in torch: O(C·S) elementwise).
+
+The kernel: one program per row. Pass 1 reads the row in chunks of BLOCK_S for its max and sum
+(per-lane online softmax); pass 2 computes the weights, writes them and merges each chunk's best
+BLOCK_K keys into a running top-k list (a bitonic ``tl.sort`` on int64 keys that pack the weight's
+bits above the key index, so one sort orders by weight then index); pass 3 zeroes the top-k
+entries of the written row.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+MAX_TOPK = 1024  # the running top-k list is one sorted block of next_pow2(k) int64 keys
+_IDX_BASE = 2**31 - 1  # low 32 bits of a key hold _IDX_BASE - index, so lower index = larger key
+_PADDED = -1  # high 32 bits of a padded key (real keys hold the weight's bits, >= 0)
+_OUTSIDE = -2  # high 32 bits of a lane past S
+_EMPTY = -3  # high 32 bits of an unfilled slot of the running list
+
+
+@triton.jit
+def _head(x, N: tl.constexpr, K: tl.constexpr):
+    """The first K entries of a (N,) int64 block (N a multiple of K)."""
+    x2 = tl.reshape(x, (N // K, K))
+    first = (tl.arange(0, N // K) == 0)[:, None]
+    return tl.max(tl.where(first, x2, -(4 << 32)), axis=0)
+
+
+@triton.jit
+def _softmax_topk_kernel(
+    SCORES,  # (R, S) fp32, R = N*H*C rows
+    KPM,  # (N, S) int8, 1 = padded (unused unless HAS_KPM)
+    REST_W,  # (R, S) fp32 out: weights with the top-k zeroed
+    TOP,  # (R, KK) int32 out
+    TOP_W,  # (R, KK) fp32 out
+    MASS,  # (R,) fp32 out
+    S,
+    KK,
+    ROWS_PER_BATCH,  # H*C: row r belongs to batch r // (H*C)
+    HAS_KPM: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    batch = row // ROWS_PER_BATCH
+    scores = SCORES + row * S
+    lanes = tl.arange(0, BLOCK_S)
+
+    # Pass 1: per-lane running max and sum, masked lanes at -inf (a guard keeps -inf - -inf out).
+    m_vec = tl.full((BLOCK_S,), float("-inf"), tl.float32)
+    l_vec = tl.zeros((BLOCK_S,), tl.float32)
+    for start in range(0, S, BLOCK_S):
+        idx = start + lanes
+        inside = idx < S
+        s = tl.load(scores + idx, mask=inside, other=float("-inf"))
+        if HAS_KPM:
+            padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
+            s = tl.where(padded, float("-inf"), s)
+        m_new = tl.maximum(m_vec, s)
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(s - m_safe)
+        m_vec = m_new
+    row_max = tl.max(m_vec, axis=0)
+    max_safe = tl.where(row_max == float("-inf"), 0.0, row_max)
+    row_sum = tl.sum(l_vec * tl.exp(m_vec - max_safe), axis=0)  # 0 for an all-padded row -> NaN weights
+
+    # Pass 2: weights, written out, and the running top-k list (sorted descending).
+    best = tl.full((BLOCK_K,), _EMPTY << 32, tl.int64)
+    for start in range(0, S, BLOCK_S):
+        idx = start + lanes
+        inside = idx < S
+        s = tl.load(scores + idx, mask=inside, other=float("-inf"))
+        padded = idx < 0
+        if HAS_KPM:
+            padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
+            s = tl.where(padded, float("-inf"), s)
+        w = tl.exp(s - max_safe) / row_sum
+        tl.store(REST_W + row * S + idx, w, mask=inside)
+        bits = tl.where(w > 0, w.to(tl.int32, bitcast=True), 0)  # monotonic in w for w >= 0; NaN -> 0
+        high = tl.where(inside, tl.where(padded, _PADDED, bits), _OUTSIDE)
+        key = high.to(tl.int64) * (1 << 32) + (_IDX_BASE - idx).to(tl.int64)
+        chunk = _head(tl.sort(key, descending=True), BLOCK_S, BLOCK_K)
+        merged = tl.reshape(tl.join(best, chunk), (2 * BLOCK_K,))
+        best = _head(tl.sort(merged, descending=True), 2 * BLOCK_K, BLOCK_K)
+
+    # Decode: index from the low 32 bits, clamped into [0, S) whatever the scores held.
+    low = best - ((best >> 32) << 32)
+    top = tl.minimum(tl.maximum(_IDX_BASE - low, 0), S - 1)
+    slot = tl.arange(0, BLOCK_K)
+    used = slot < KK
+    s = tl.load(scores + top, mask=used, other=float("-inf"))
+    if HAS_KPM:
+        s = tl.where(tl.load(KPM + batch * S + top, mask=used, other=1) != 0, float("-inf"), s)
+    w = tl.where(used, tl.exp(s - max_safe) / row_sum, 0.0)
+    tl.store(TOP + row * KK + slot, top.to(tl.int32), mask=used)
+    tl.store(TOP_W + row * KK + slot, w, mask=used)
+    tl.store(MASS + row, tl.sum(w, axis=0))
+
+    # Pass 3: zero the top-k entries of the written row (after every thread's pass-2 stores).
+    tl.debug_barrier()
+    tl.store(REST_W + row * S + top, tl.zeros((BLOCK_K,), tl.float32), mask=used)
+
+
+def _blocks(kk: int, interpreted: bool) -> Tuple[int, int]:
+    block_k = max(16, triton.next_power_of_2(kk))
+    # On the GPU one chunk of 1024 keys per step; under the interpreter small chunks, so that the
+    # tests' small shapes go through several chunk merges.
+    block_s = max(block_k, 32 if interpreted else 1024)
+    return block_s, block_k
+
+
+def _num_warps(block_s: int) -> int:
+    return 8 if block_s >= 2048 else 4
+
+
+def _signature(has_kpm: bool) -> dict:
+    return {
+        "SCORES": "*fp32", "KPM": "*i8", "REST_W": "*fp32", "TOP": "*i32", "TOP_W": "*fp32", "MASS": "*fp32",
+        "S": "i32", "KK": "i32", "ROWS_PER_BATCH": "i32",
+    }
+
+
+# Every (constexpr) configuration the dispatcher chooses on the GPU: BLOCK_K = max(16, next_pow2(k))
+# for k <= MAX_TOPK, BLOCK_S = max(BLOCK_K, 1024), with and without key padding.
+CONFIGS = [
+    {
+        "kernel": _softmax_topk_kernel,
+        "signature": _signature(has_kpm),
+        "constexprs": {"HAS_KPM": has_kpm, "BLOCK_S": max(bk, 1024), "BLOCK_K": bk},
+        "num_warps": _num_warps(max(bk, 1024)),
+        "tile_products": False,
+    }
+    for has_kpm in (False, True)
+    for bk in (16, 32, 64, 128, 256, 512, 1024)
+]
+
+
+def _interpreted() -> bool:
+    import os
+
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_inputs(scores: Tensor, key_padding_mask: Optional[Tensor], topk: int) -> None:
+    """One-line errors naming the argument, before any launch."""
+    if not isinstance(scores, Tensor) or scores.dim() != 4:
+        raise ValueError(f"scores must be a 4-dimensional (N, H, C, S) tensor, got {getattr(scores, 'shape', scores)}")
+    if scores.dtype != torch.float32:
+        raise TypeError(f"scores must be float32 (the centroid GEMM accumulates in fp32), got {scores.dtype}")
+    s = scores.shape[3]
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= min(s, MAX_TOPK):
+        raise ValueError(f"topk must be an int in 1..min(S={s}, {MAX_TOPK}) for the Triton kernels, got {topk}")
+    if key_padding_mask is not None:
+        if key_padding_mask.dtype != torch.bool:
+            raise TypeError(f"key_padding_mask must be a bool tensor, got {key_padding_mask.dtype}")
+        if tuple(key_padding_mask.shape) != (scores.shape[0], s):
+            raise ValueError(f"key_padding_mask must have shape {(scores.shape[0], s)}, got {tuple(key_padding_mask.shape)}")
+        if key_padding_mask.device != scores.device:
+            raise ValueError(f"key_padding_mask must be on {scores.device}, got {key_padding_mask.device}")
+
+
+@torch.library.custom_op("fairseq_clustered_triton::softmax_topk", mutates_args=())
+def softmax_topk(
+    scores: Tensor, key_padding_mask: Optional[Tensor], topk: int
+) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(rest_weights (N,H,C,S) fp32, top (N,H,C,k) int32, top_weights (N,H,C,k) fp32, mass (N,H,C) fp32)."""
+    check_inputs(scores, key_padding_mask, topk)
+    n, h, c, s = scores.shape
+    scores = scores.contiguous()
+    rest_w = torch.empty_like(scores)
+    top = torch.empty(n, h, c, topk, dtype=torch.int32, device=scores.device)
+    top_w = torch.empty(n, h, c, topk, dtype=torch.float32, device=scores.device)
+    mass = torch.empty(n, h, c, dtype=torch.float32, device=scores.device)
+    rows = n * h * c
+    if rows == 0:
+        return rest_w, top, top_w, mass
+    has_kpm = key_padding_mask is not None
+    kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else scores.new_empty(1, dtype=torch.int8)
+    block_s, block_k = _blocks(topk, _interpreted())
+    _softmax_topk_kernel[(rows,)](
+        scores, kpm, rest_w, top, top_w, mass, s, topk, h * c,
+        HAS_KPM=has_kpm, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=_num_warps(block_s),
+    )
+    return rest_w, top, top_w, mass
+
+
+@softmax_topk.register_fake
+def _(scores, key_padding_mask, topk):
+    n, h, c, s = scores.shape
+    return (
+        torch.empty_like(scores),
+        scores.new_empty(n, h, c, topk, dtype=torch.int32),
+        scores.new_empty(n, h, c, topk),
+        scores.new_empty(n, h, c),
+    )
+
+
+def _setup(ctx, inputs, output):
+    rest_w, top, top_w, _ = output
+    ctx.save_for_backward(rest_w, top, top_w)
+    ctx.mark_non_differentiable(top)
+
+
+def _backward(ctx, grad_rest_w, grad_top, grad_top_w, grad_mass):
+    rest_w, top, top_w = ctx.saved_tensors
+    top = top.long()
+    attn = rest_w.scatter(-1, top, top_w)  # A^c
+    g_top = torch.zeros_like(top_w) if grad_top_w is None else grad_top_w.float()
+    if grad_mass is not None:
+        g_top = g_top + grad_mass.float().unsqueeze(-1)
+    g_attn = torch.zeros_like(rest_w) if grad_rest_w is None else grad_rest_w.float()
+    g_attn = g_attn.scatter(-1, top, g_top)  # rest_weights is constant 0 on T_j
+    grad = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True))  # softmax backward
+    # NaN weights (a NaN row) would spread NaN to padded positions; those scores are masked anyway.
+    return grad, None, None
+
+
+softmax_topk.register_autograd(_backward, setup_context=_setup)
