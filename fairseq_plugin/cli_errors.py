@@ -1,9 +1,10 @@
-"""One-line errors for the fairseq command-line tools when input files are missing.
+"""One-line errors for the fairseq command-line tools: missing inputs, refused checkpoints.
 
 fairseq reports a missing data directory, dictionary or config.yaml as a FileNotFoundError
 with a long traceback. When the plugin is loaded by a ``fairseq-*`` command, this hook prints
-one line that names the missing path and what to do instead. Set
-``FAIRSEQ_PLUGIN_TRACEBACK=1`` to get the full traceback back.
+one line that names the missing path and what to do instead; a checkpoint refused by the
+allowlist (:mod:`.checkpoints`) is one line too. Set ``FAIRSEQ_PLUGIN_TRACEBACK=1`` to get the
+full traceback back.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import os
 import sys
 from pathlib import Path
+
+from .checkpoints import UntrustedCheckpointError
 
 
 def _describe(exc: FileNotFoundError) -> str:
@@ -34,14 +37,15 @@ def _describe(exc: FileNotFoundError) -> str:
 
 
 def _hook(exc_type, exc, tb, _previous=sys.excepthook):
-    if issubclass(exc_type, FileNotFoundError) and not os.environ.get("FAIRSEQ_PLUGIN_TRACEBACK"):
-        prog = os.path.basename(sys.argv[0]) or "fairseq"
-        print(f"{prog}: error: {_describe(exc)} (FAIRSEQ_PLUGIN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
+    if os.environ.get("FAIRSEQ_PLUGIN_TRACEBACK") or not issubclass(exc_type, (FileNotFoundError, UntrustedCheckpointError)):
+        _previous(exc_type, exc, tb)
         return
-    _previous(exc_type, exc, tb)
+    prog = os.path.basename(sys.argv[0]) or "fairseq"
+    what = str(exc) if issubclass(exc_type, UntrustedCheckpointError) else _describe(exc)
+    print(f"{prog}: error: {what} (FAIRSEQ_PLUGIN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
 
 
 def install() -> None:
     """Install the hook, only inside fairseq's own command-line tools."""
-    if os.path.basename(sys.argv[0]).startswith("fairseq-"):
+    if os.path.basename(sys.argv[0]).startswith("fairseq-") and sys.excepthook is not _hook:
         sys.excepthook = _hook

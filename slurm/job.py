@@ -127,8 +127,7 @@ class TrainJob(Checkpointable):
             )  # fmt: skip
         else:
             note = None
-        child_env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)),
-                     "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "PYTHONUNBUFFERED": "1"}  # fmt: skip
+        child_env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)), "PYTHONUNBUFFERED": "1"}
         with log_path.open("a") as sink:
             sink.write(f"\n===== attempt {attempt} | job {env.job_id} | rank {rank}/{world} | {time.ctime()} =====\n")
             sink.write(" ".join(command) + "\n")

@@ -322,8 +322,10 @@ def _check_archs(runs: list[Run], src: str) -> None:
 
 def registered_archs() -> set[str]:
     """fairseq's ARCH_MODEL_REGISTRY after importing the plugin (what ``--arch`` accepts)."""
-    import fairseq_plugin  # noqa: F401  (registers the architectures)
+    import fairseq_plugin
     from fairseq.models import ARCH_MODEL_REGISTRY
+
+    fairseq_plugin.register()
 
     return set(ARCH_MODEL_REGISTRY)
 

@@ -43,9 +43,10 @@ class Split(NamedTuple):
 
 def load_model(checkpoint: Path, data: Path):
     """(model in eval mode, task) from a run's checkpoint, reading data from ``data``."""
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    import fairseq_plugin  # noqa: F401  (registers the model)
+    import fairseq_plugin
     from fairseq import checkpoint_utils
+
+    fairseq_plugin.register()
 
     if not checkpoint.is_file():
         raise FileNotFoundError(f"{checkpoint}: no checkpoint (did the sweep run finish?)")

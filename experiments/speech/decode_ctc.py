@@ -22,7 +22,8 @@ import torch
 from fairseq import checkpoint_utils, utils
 from fairseq.data.data_utils import post_process
 
-import fairseq_plugin  # noqa: F401  (registers the models)
+import fairseq_plugin
+from fairseq_plugin.checkpoints import UntrustedCheckpointError
 from fairseq_plugin.config import AttentionConfig, add_attention_args
 from fairseq_plugin.models.speech_ctc import EfficientCTCModel, ctc_greedy_decode
 
@@ -55,7 +56,11 @@ def main(argv=None) -> dict[str, float]:
         if getattr(args, f.name) is not None:
             overrides[f.name] = getattr(args, f.name)
 
-    models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(args.checkpoint)], arg_overrides=overrides)
+    fairseq_plugin.register()
+    try:
+        models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(args.checkpoint)], arg_overrides=overrides)
+    except UntrustedCheckpointError as err:
+        raise SystemExit(f"decode_ctc.py: error: {err}") from None
     model = models[0]
     if not isinstance(model, EfficientCTCModel):
         raise SystemExit(

@@ -135,7 +135,6 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("overrides", nargs="*", help="the same OmegaConf dotlist overrides as the run")
     parser.add_argument("--checkpoint", default="checkpoint_best.pt", help="checkpoint file of each run to decode")
     args = parser.parse_args(argv)
-    os.environ.setdefault("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
     started = time.time()
     try:
         sweep = sweep_spec.load(args.sweep, args.overrides)
