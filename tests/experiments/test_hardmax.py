@@ -23,7 +23,7 @@ from experiments.hardmax import dynamics
 
 REPO = Path(__file__).resolve().parents[2]
 PY = sys.executable
-ENV = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SWEEP = REPO / "experiments" / "hardmax" / "sentiment.yaml"
 LIMITS = {"train": 480, "valid": 96, "test": 96}
 UPDATES = 40

@@ -21,13 +21,16 @@ from typing import Dict, List
 import pytest
 import torch
 
+from fairseq_plugin import checkpoints
+
 from .runs import Run, scalars
+from .test_text_models import assert_allowlisted
 from .speech_data import SpeechData, make_speech_data
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "fairseq_plugin"
-ENV = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": "2"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "2"}
 
 ENCODER = ["--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
            "--encoder-attention-heads", "2"]  # fmt: skip
@@ -75,10 +78,11 @@ def train(data: Path, save_dir: Path, arch: str, *args: str) -> Run:
 
 
 @pytest.fixture
-def in_process(monkeypatch):
-    """fairseq in this process: the plugin registered, checkpoints loadable (DESIGN §5)."""
-    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
-    import fairseq_plugin  # noqa: F401
+def in_process():
+    """fairseq in this process, the plugin registered (models, checkpoint allowlist)."""
+    import fairseq_plugin
+
+    fairseq_plugin.register()
 
 
 @pytest.fixture(scope="module")
@@ -112,6 +116,7 @@ def test_speech_arch_trains(speech_run, arch):
     valid = run.records("valid")[-1]
     assert math.isfinite(float(valid["valid_loss"])), valid
     assert (run.save_dir / "checkpoint_last.pt").is_file()
+    assert_allowlisted(run.save_dir)
     # the encoder really runs the requested attention: clustered kinds log their cluster statistics
     stats = {k for k in inner[-1] if k.startswith("attn_")}
     if arch.startswith("softmax"):
@@ -145,7 +150,7 @@ def test_ctc_checkpoint_resumes_with_another_attention(speech, speech_run, tmp_p
     assert [int(r["num_updates"]) for r in inner] == [UPDATES + 1, UPDATES + 2], run.output[-3000:]
     assert all(math.isfinite(float(r["loss"])) for r in inner)
     assert "attn_topk_mass" in inner[-1], sorted(inner[-1])
-    state = torch.load(save_dir / "checkpoint_last.pt", map_location="cpu", weights_only=False)
+    state = checkpoints.load(save_dir / "checkpoint_last.pt")
     assert state["cfg"]["model"].attention_type == "i_clustered"
     assert state["optimizer_history"][-1]["num_updates"] == UPDATES + 2
 

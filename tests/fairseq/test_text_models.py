@@ -20,13 +20,15 @@ from typing import Dict
 import pytest
 import torch
 
+from fairseq_plugin import checkpoints
+
 from .data import masked_lm_data, sentence_prediction_data
 from .runs import RECORD, Run, scalars
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "fairseq_plugin"
-ENV = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 TINY = [
     "--encoder-layers", "2", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
@@ -58,6 +60,13 @@ def train(data: Path, save_dir: Path, *args: str) -> Run:
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
     return Run(save_dir, tb_dir, output)
+
+
+def assert_allowlisted(save_dir: Path) -> None:
+    """A checkpoint's types outside torch's weights_only set are exactly the plugin's allowlist."""
+    allowed = {f"{t.__module__}.{t.__qualname__}" for t in checkpoints.SAFE_GLOBALS}
+    for path in sorted(save_dir.glob("checkpoint*.pt")):
+        assert set(torch.serialization.get_unsafe_globals_in_checkpoint(path)) == allowed, path
 
 
 @pytest.fixture(scope="module")
@@ -97,6 +106,7 @@ def test_masked_lm_trains_and_logs_to_tensorboard(mlm_run, arch):
     run = mlm_run(arch)
     assert_finite_training(run, updates=4)
     assert (run.save_dir / "checkpoint_last.pt").is_file()
+    assert_allowlisted(run.save_dir)
 
     inner, valid = scalars(run.tb_dir / "train_inner"), scalars(run.tb_dir / "valid")
     assert len(inner["loss"]) == 4 and all(math.isfinite(x) for x in inner["loss"])
@@ -131,6 +141,7 @@ def test_sentence_prediction_trains(sp_data, tmp_path, arch):
     assert_finite_training(run, updates=4)
     valid = run.records("valid")[-1]
     assert 0 <= float(valid["valid_accuracy"]) <= 100, valid
+    assert_allowlisted(run.save_dir)
     model = load(run.save_dir / "checkpoint_last.pt")[0]
     assert "sentence_classification_head" in model.classification_heads
 
@@ -138,7 +149,9 @@ def test_sentence_prediction_trains(sp_data, tmp_path, arch):
 def load(path: Path, **overrides):
     from fairseq import checkpoint_utils
 
-    import fairseq_plugin  # noqa: F401  (registers the models, as --user-dir does)
+    import fairseq_plugin
+
+    fairseq_plugin.register()  # as --user-dir does
 
     models, cfg, task = checkpoint_utils.load_model_ensemble_and_task([str(path)], arg_overrides=overrides or None)
     return models[0].eval(), cfg, task
@@ -154,7 +167,7 @@ def test_checkpoint_resumes(mlm_run, mlm_data, tmp_path):
     )  # fmt: skip
     assert re.search(r"Loaded checkpoint .*checkpoint_last\.pt \(epoch \d+ @ 4 updates\)", run.output), run.output[-3000:]
     assert [int(r["num_updates"]) for r in run.records("train_inner")] == [5, 6]
-    assert torch.load(save_dir / "checkpoint_last.pt", weights_only=False)["optimizer_history"][-1]["num_updates"] == 6
+    assert checkpoints.load(save_dir / "checkpoint_last.pt")["optimizer_history"][-1]["num_updates"] == 6
 
 
 def test_checkpoint_reloads_with_its_attention(mlm_run):
