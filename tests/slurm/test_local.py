@@ -63,6 +63,32 @@ def test_local_sweep_runs_reports_and_is_idempotent(tmp_path, corpus):
     assert "ok_clustered_s1" in status.stdout and "finished" in status.stdout and "failed" in status.stdout
 
 
+class _CreatesFile:
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):  # unpickling calls open(path, "w")
+        return (open, (self.path, "w"))
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, corpus):
+    """The launcher's resume (after its checkpoint repair) loads checkpoint_last.pt safely."""
+    import torch
+
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="evil", grid={"arch": ["softmax_transformer"]})
+    checkpoints = tmp_path / "sweeps" / "evil" / "softmax_s1" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    marker = tmp_path / "pwned"
+    torch.save({"model": {}, "extra_state": {"note": _CreatesFile(marker)}}, checkpoints / "checkpoint_last.pt")
+    proc = run_cli(["run", str(path)], timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert not marker.exists(), "the crafted checkpoint ran code"
+    result = json.loads((tmp_path / "sweeps" / "evil" / "softmax_s1" / "result.json").read_text())
+    refusals = [line for line in result["error"].splitlines() if "refusing to load checkpoint" in line]
+    assert result["state"] == "failed" and len(refusals) == 1, result["error"]
+    assert "io.open" in refusals[0] and "FAIRSEQ_PLUGIN_TRUST_CHECKPOINTS=" in refusals[0], refusals[0]
+
+
 def test_finished_sweep_submits_nothing(tmp_path, corpus):
     path = tiny_sweep(tmp_path / "s.yaml", corpus, name="done", grid={"arch": ["clustered_transformer"]})
     first = run_cli(["run", str(path)], timeout=300)
