@@ -16,6 +16,8 @@ Inconsistent options are one-line errors before anything is built (fairseq-* too
 ValueError (library use).
 """
 
+import argparse
+import atexit
 import os
 import sys
 from dataclasses import dataclass, field
@@ -136,7 +138,7 @@ class AssociativeRecallTask(FairseqTask):
             vocab_size=cfg.vocab_size, num_pairs=cfg.num_pairs, num_queries=cfg.num_queries,
             length=cfg.tokens_per_sample - 1, query_power=cfg.query_power, filler=str(cfg.filler),
         )  # fmt: skip
-        problems = spec.problems(reserved=1)  # <s>
+        problems = spec.problems(reserved=1, reserved_for="<s>")
         for name in ("train_size", "valid_size", "test_size"):
             if getattr(cfg, name) < 1:
                 problems.append(f"--{name.replace('_', '-')} must be >= 1, got {getattr(cfg, name)}")
@@ -179,3 +181,28 @@ class AssociativeRecallTask(FairseqTask):
     @property
     def target_dictionary(self):
         return self.dictionary
+
+
+def _print_task_help() -> None:
+    parser = argparse.ArgumentParser(prog=os.path.basename(sys.argv[0]), usage=argparse.SUPPRESS, add_help=False,
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    AssociativeRecallTask.add_args(parser.add_argument_group("Task-specific configuration (--task associative_recall)"))
+    sys.stdout.write("\n" + parser.format_help())
+    sys.stdout.flush()
+
+
+def install_help() -> None:
+    """``fairseq-train --task associative_recall --help`` also lists the task's options.
+
+    fairseq handles ``--help`` before it adds the options of the task named by ``--task`` (the
+    same first pass that hides model options, see fairseq_plugin.cli_help); print them at exit."""
+    argv = sys.argv[1:]
+    if not os.path.basename(sys.argv[0]).startswith("fairseq-") or not {"-h", "--help"} & set(argv):
+        return
+    known, _ = _TASK_ARG.parse_known_args(argv)
+    if known.task == "associative_recall":
+        atexit.register(_print_task_help)
+
+
+_TASK_ARG = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+_TASK_ARG.add_argument("--task")

@@ -11,8 +11,8 @@ A sequence of ``length`` tokens (symbol ids of :class:`RecallSpec`, not yet a fa
 - ``num_pairs`` key-value pairs first: distinct keys from the first half of the vocabulary,
   distinct values from the second half.
 - Then ``num_queries`` queries, each a key of the pairs followed by its value. The value is what
-  the model predicts; the encoder sees a mask there. Queries take distinct keys while there are
-  enough, and sit at two-token slots drawn without replacement with probability proportional to
+  the model predicts; the encoder sees a mask there. Every key is asked once before any key is
+  asked twice (distinct keys when ``num_queries <= num_pairs``), and the queries sit at two-token slots drawn without replacement with probability proportional to
   ``(slot + 1) ** (query_power - 1)``: most queries come soon after the pairs, some far away.
 - Every other position is filler: one ``blank`` symbol, or ``noise`` symbols drawn uniformly
   (a separate set of NOISE_SYMBOLS ids, never a key or a value).
@@ -44,9 +44,9 @@ class RecallSpec:
     query_power: float = 0.01
     filler: str = "blank"
 
-    def problems(self, reserved: int = 0) -> list:
+    def problems(self, reserved: int = 0, reserved_for: str = "") -> list:
         """Every inconsistency of the options, each a phrase naming the command-line option.
-        ``reserved``: tokens the caller adds to each sequence (counted in --tokens-per-sample)."""
+        ``reserved``: tokens the caller adds to each sequence (``reserved_for`` names them)."""
         out = []
         v, p, q, n = self.vocab_size, self.num_pairs, self.num_queries, self.length
         if v < 2 or v % 2:
@@ -59,7 +59,7 @@ class RecallSpec:
         if q < 1:
             out.append(f"--num-queries must be >= 1, got {q}")
         if p >= 1 and q >= 1 and n < 2 * (p + q):
-            need = f"{2 * (p + q)} tokens" + (f" plus {reserved} reserved, {2 * (p + q) + reserved} in all" if reserved else "")
+            need = f"{2 * (p + q)} tokens" + (f" plus {reserved} for {reserved_for or 'the caller'}, {2 * (p + q) + reserved} in all" if reserved else "")
             out.append(f"--tokens-per-sample {n + reserved} is too short: {p} pairs and {q} queries take {need} "
                        "(raise --tokens-per-sample or lower --num-pairs / --num-queries)")
         if not self.query_power > 0:
@@ -103,7 +103,8 @@ def generate(spec: RecallSpec, seed: int, index: int) -> Tuple[np.ndarray, np.nd
     slots = (spec.length - 2 * p) // 2  # two-token query slots after the pairs
     weights = np.arange(1, slots + 1, dtype=np.float64) ** (spec.query_power - 1)
     chosen = np.sort(rng.choice(slots, size=q, replace=False, p=weights / weights.sum()))  # (Q,)
-    which = rng.choice(p, size=q, replace=q > p)  # (Q,) indices into the pairs
+    rounds = -(-q // p)  # every key once before any key twice
+    which = rng.permutation(np.concatenate([rng.permutation(p) for _ in range(rounds)])[:q])  # (Q,) pair indices
     starts = 2 * p + 2 * chosen
     tokens[starts] = keys[which]
     tokens[starts + 1] = values[which]

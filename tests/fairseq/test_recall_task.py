@@ -1,0 +1,125 @@
+"""--task associative_recall: the MQAR generator, its one-line option errors through the real
+fairseq-train, its --help, and a learning check through fairseq-sweep (the local executor).
+
+The learning check trains the softmax arm of a reduced recall sweep and asks for a valid
+accuracy far above chance (see RECALL_MARGIN). Everything else runs in well under a second per
+case, except the fairseq-train commands (about 3 s each: fairseq's start-up).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fairseq_plugin.tasks.mqar import NOISE_SYMBOLS, RecallSpec, chance_accuracy, generate
+
+REPO = Path(__file__).resolve().parents[2]
+BIN = Path(sys.executable).parent
+PLUGIN = REPO / "fairseq_plugin"
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+RECALL = ["--user-dir", str(PLUGIN), "--task", "associative_recall", "--criterion", "associative_recall", "--cpu",
+          "--arch", "softmax_transformer", "--batch-size", "4", "--max-update", "1", "--no-save"]  # fmt: skip
+
+
+def fairseq(tool: str, *args: str, cwd: Path = REPO, timeout: int = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, env=ENV, cwd=cwd,
+                          timeout=timeout)  # fmt: skip
+
+
+# --- the generator ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filler", ["blank", "noise"])
+def test_sequences_hold_pairs_then_queries_with_their_values(filler):
+    spec = RecallSpec(vocab_size=64, num_pairs=6, num_queries=10, length=100, filler=filler)
+    half = spec.vocab_size // 2
+    for index in range(50):
+        tokens, answers = generate(spec, seed=7, index=index)
+        assert tokens.shape == (100,) and answers.shape == (10,) and np.all(np.diff(answers) > 0)
+        keys, values = tokens[0:12:2], tokens[1:12:2]
+        assert len(set(keys)) == 6 and np.all(keys < half)
+        assert len(set(values)) == 6 and np.all((values >= half) & (values < spec.vocab_size))
+        value_of = dict(zip(keys, values))
+        assert np.all(answers >= 13) and np.all((answers - 12) % 2 == 1)  # after the pairs, key then value
+        for pos in answers:
+            assert tokens[pos] == value_of[tokens[pos - 1]]
+        assert len(set(tokens[answers - 1])) == 6  # 10 queries of 6 keys: every key asked
+        rest = np.ones(100, dtype=bool)
+        rest[:12], rest[answers], rest[answers - 1] = False, False, False
+        if filler == "blank":
+            assert np.all(tokens[rest] == spec.blank)
+        else:
+            assert np.all((tokens[rest] > spec.blank) & (tokens[rest] <= spec.blank + NOISE_SYMBOLS))
+
+
+def test_a_seed_and_an_index_give_the_same_sequence():
+    spec = RecallSpec(vocab_size=32, num_pairs=4, num_queries=4, length=40)
+    a, pa = generate(spec, seed=1, index=5)
+    b, pb = generate(spec, seed=1, index=5)
+    assert np.array_equal(a, b) and np.array_equal(pa, pb)
+    assert not np.array_equal(a, generate(spec, seed=2, index=5)[0])
+    assert not np.array_equal(a, generate(spec, seed=1, index=6)[0])
+
+
+def test_queries_follow_the_power_law():
+    near = RecallSpec(vocab_size=64, num_pairs=4, num_queries=1, length=408, query_power=0.01)
+    flat = RecallSpec(vocab_size=64, num_pairs=4, num_queries=1, length=408, query_power=1.0)
+    gap = {s.query_power: np.mean([generate(s, 0, i)[1][0] for i in range(300)]) for s in (near, flat)}
+    assert gap[0.01] < 0.5 * gap[1.0], gap  # uniform: mean position ~ 208; power 0.01: most queries near the pairs
+
+
+def test_chance():
+    assert chance_accuracy(RecallSpec(vocab_size=16, num_pairs=4)) == (0.125, 0.25)
+
+
+@pytest.mark.parametrize(
+    "spec, words",
+    [
+        (RecallSpec(vocab_size=8, num_pairs=5), "--num-pairs 5 is more than the vocabulary allows"),
+        (RecallSpec(vocab_size=7), "--vocab-size must be an even integer"),
+        (RecallSpec(num_pairs=8, num_queries=8, length=31), "--tokens-per-sample 31 is too short"),
+        (RecallSpec(num_queries=0), "--num-queries must be >= 1"),
+        (RecallSpec(query_power=0.0), "--query-power must be > 0"),
+    ],
+)
+def test_bad_specs_name_the_option(spec, words):
+    assert any(words in p for p in spec.problems()), spec.problems()
+
+
+# --- fairseq-train: options in --help, one-line errors ---------------------------------------------
+
+
+def test_help_lists_the_task_options():
+    proc = fairseq("fairseq-train", "--user-dir", PLUGIN, "--task", "associative_recall", "--help")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for option in ("--vocab-size", "--num-pairs", "--num-queries", "--tokens-per-sample", "--query-power", "--filler",
+                   "--train-size", "--valid-size", "--test-size", "--train-seed", "--valid-seed", "--test-seed"):  # fmt: skip
+        assert option in proc.stdout, option
+    assert "more than the vocabulary" not in proc.stdout
+    assert "distinct keys, at most vocab-size / 2" in " ".join(proc.stdout.split())
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--vocab-size", "8", "--num-pairs", "5"], "--num-pairs 5 is more than the vocabulary allows: --vocab-size 8"),
+        (["--num-pairs", "8", "--num-queries", "8", "--tokens-per-sample", "32"],
+         "--tokens-per-sample 32 is too short: 8 pairs and 8 queries take 32 tokens plus 1 for <s>"),
+        (["--tokens-per-sample", "1024", "--max-positions", "512"],
+         "--tokens-per-sample 1024 is above the model's --max-positions 512"),
+        (["--criterion", "cross_entropy"], "needs --criterion associative_recall"),
+    ],
+)  # fmt: skip
+def test_bad_options_are_one_line_errors(tmp_path, args, words):
+    proc = fairseq("fairseq-train", *RECALL, *args, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("fairseq-train: error: ") and words in last, last
+    assert "num_updates" not in proc.stdout + proc.stderr  # nothing trained
