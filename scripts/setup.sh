@@ -32,8 +32,8 @@ if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && "$VENV/bin/python" -c '
 fi
 
 # torch first, pinned: anything that later asks for "torch" is then already satisfied.
-log "installing torch (pinned in requirements/constraints.txt)"
-"${pip[@]}" install torch==2.13.0
+log "installing torch (the version: requirements/constraints.txt)"
+"${pip[@]}" install torch
 log "installing fairseq (ve-fairseq 0.12.3, hash-pinned, without its torchaudio requirement)"
 "${pip[@]}" install --no-deps --no-warn-conflicts --require-hashes -r requirements/fairseq.txt
 log "installing fairseq-clustered-attention and its pinned dependencies"
@@ -41,7 +41,7 @@ log "installing fairseq-clustered-attention and its pinned dependencies"
 # deliberate (see requirements/fairseq.txt); a real conflict still fails the install.
 # ninja compiles the ops' sources in parallel; --no-build-isolation: they build against the
 # torch installed above (an isolated build would fetch another torch to compile against).
-"${pip[@]}" install ninja==1.13.0
+"${pip[@]}" install ninja  # the version: requirements/constraints.txt
 "${pip[@]}" install --no-warn-conflicts --no-build-isolation -e '.[test]'
 # pip built the ops above, but a failed build is only a warning inside pip (the ops would fall
 # back to the reference): check that they load, and rebuild here, loudly, if they do not.
