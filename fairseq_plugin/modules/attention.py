@@ -18,6 +18,7 @@ import logging
 from typing import Optional, Tuple
 
 import torch
+import torch.nn.functional as F
 from fairseq.logging import metrics
 from fairseq.modules import MultiheadAttention
 from torch import Tensor
@@ -93,14 +94,11 @@ class EfficientSelfAttention(MultiheadAttention):
             raise ValueError("EfficientSelfAttention is encoder self-attention: incremental_state and before_softmax are not supported")
         key = query if key is None else key
         value = key if value is None else value
-        if attn_mask is not None:
-            if cfg.attention_type != "softmax":
-                raise ValueError(
-                    f"attn_mask is only supported with --attention-type softmax, not {cfg.attention_type}; "
-                    "express padding through key_padding_mask instead"
-                )
-            out, _ = super().forward(query, key, value, key_padding_mask=key_padding_mask, need_weights=False, attn_mask=attn_mask)
-            return out, None
+        if attn_mask is not None and cfg.attention_type != "softmax":
+            raise ValueError(
+                f"attn_mask is only supported with --attention-type softmax, not {cfg.attention_type}; "
+                "express padding through key_padding_mask instead"
+            )
 
         tgt_len, bsz, embed_dim = query.shape
         src_len = key.shape[0]
@@ -111,9 +109,29 @@ class EfficientSelfAttention(MultiheadAttention):
         kpm = None if key_padding_mask is None else key_padding_mask.to(torch.bool)  # (N, S)
         qpm = kpm if key is query else None  # self-attention: padded queries take no part  # (N, L)
 
-        out = self._attend(q, k, v, kpm, qpm)  # (N, H, L, E)
+        if attn_mask is None:
+            out = self._attend(q, k, v, kpm, qpm)  # (N, H, L, E)
+        else:
+            out = self._attend_with_mask(q, k, v, attn_mask, kpm, qpm)
         out = out.permute(2, 0, 1, 3).reshape(tgt_len, bsz, embed_dim)  # (T, B, C)
         return self.out_proj(out), None
+
+    def _attend_with_mask(
+        self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor]
+    ) -> Tensor:
+        """Softmax attention with fairseq's attn_mask: additive float (T, S) or (N*H, T, S), or bool
+        with True = masked; --softmax-temp applies here as on every other path."""
+        n, h, length, s = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+        if attn_mask.dtype == torch.bool:
+            bias = torch.zeros(attn_mask.shape, dtype=q.dtype, device=q.device).masked_fill(attn_mask, float("-inf"))
+        else:
+            bias = attn_mask.to(q.dtype)
+        bias = bias.view(n, h, length, s) if bias.dim() == 3 else bias.view(1, 1, length, s)  # (N|1, H|1, L, S)
+        if kpm is not None:
+            bias = bias.masked_fill(kpm[:, None, None, :], float("-inf"))
+        scale = self.head_dim**-0.5 if self.attention_cfg.softmax_temp is None else self.attention_cfg.softmax_temp
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, scale=scale)  # (N, H, L, E)
+        return out if qpm is None else out.masked_fill(qpm[:, None, :, None], 0.0)
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, kpm: Optional[Tensor], qpm: Optional[Tensor]) -> Tensor:
         cfg = self.attention_cfg

@@ -62,6 +62,26 @@ def test_attn_mask_softmax_delegates_and_others_refuse():
         clustered(x, x, x, attn_mask=mask)
 
 
+@pytest.mark.parametrize("bool_mask", [False, True])
+def test_attn_mask_path_applies_softmax_temp_and_padding(bool_mask):
+    """--softmax-temp reaches the attn_mask path too (fairseq's module would use 1/sqrt(E))."""
+    _, ours = pair(softmax_temp=0.9)
+    x, padding = inputs()
+    causal = torch.triu(torch.ones(T, T, dtype=torch.bool), diagonal=1)  # True = masked
+    additive = torch.zeros(T, T).masked_fill(causal, float("-inf"))
+    got, _ = ours(x, x, x, key_padding_mask=padding, attn_mask=causal if bool_mask else additive)
+    # by hand: softmax(0.9 q kᵀ + mask) v, then the output projection
+    q, k, v = (proj(x).view(T, B, H, C // H).permute(1, 2, 0, 3) for proj in (ours.q_proj, ours.k_proj, ours.v_proj))
+    scores = 0.9 * q @ k.transpose(-1, -2) + additive  # (B, H, T, T)
+    scores = scores.masked_fill(padding[:, None, None, :], float("-inf"))
+    attn = (torch.softmax(scores, -1) @ v).permute(2, 0, 1, 3).reshape(T, B, C)  # (T, B, C)
+    expected = ours.out_proj(attn)
+    real = ~padding.T  # (T, B)
+    torch.testing.assert_close(got[real], expected[real], rtol=1e-5, atol=1e-6)
+    default, _ = pair()[1](x, x, x, key_padding_mask=padding, attn_mask=additive)
+    assert not torch.allclose(default[real], got[real], atol=1e-4), "softmax_temp changed nothing"
+
+
 def test_hardmax_is_exact_in_eval_and_soft_in_training():
     _, ours = pair(attention_type="hardmax", hardmax_temperature=1e3)
     x, padding = inputs()
