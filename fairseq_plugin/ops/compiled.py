@@ -44,15 +44,20 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def load() -> bool:
-    """Load the extension once; True when its operators are registered."""
+    """Load the extension once; True when its operators are registered.
+
+    Only a failed import of the extension means "unavailable" (the ops then run their reference
+    and say why once). An error while registering the fake kernels or the autograd formulas is a
+    bug of this package, and is raised."""
     global _loaded, _load_error
     if _loaded is None:
         try:
             importlib.import_module("fairseq_plugin._C")
-            _register_python_parts()
-            _loaded = True
-        except Exception as err:  # ImportError, OSError (undefined symbol, wrong torch ABI), ...
+        except (ImportError, OSError) as err:  # not built, undefined symbol, wrong torch ABI, ...
             _loaded, _load_error = False, f"{type(err).__name__}: {err}"
+            return _loaded
+        _register_python_parts()
+        _loaded = True
     return _loaded
 
 

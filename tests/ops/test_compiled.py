@@ -398,6 +398,24 @@ print("ok")
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-2000:]
 
 
+def test_a_registration_bug_is_raised_not_reported_as_unavailable():
+    """Only a failed import means "unavailable": an error in our own fakes/autograd code surfaces."""
+    code = r"""
+from fairseq_plugin.ops import compiled
+def broken():
+    raise TypeError("bug in a fake kernel (simulated)")
+compiled._register_python_parts = broken
+try:
+    compiled.load()
+except TypeError as err:
+    print("raised:", err)
+else:
+    print("swallowed:", compiled.load_error())
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0 and "raised: bug in a fake kernel" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
 def test_fallback_matches_compiled_in_a_fresh_process():
     """FAIRSEQ_PLUGIN_COMPILED=0 selects the reference deliberately, silently, with the same result."""
     code = (
