@@ -25,8 +25,8 @@ from torch import Tensor
 
 BLOCK_L = 64
 BLOCK_C = 64
-BLOCK_E = 64
 BLOCK_M = 64
+_BLOCK_E = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}  # fp32 IEEE products: 64 spills
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -88,7 +88,7 @@ CONFIGS = [
     {
         "kernel": _cluster_sum_kernel,
         "signature": {"x_ptr": _PTR[dt], "assign_ptr": "*i64", "out_ptr": "*fp32", "L": "i32", "C": "i32", "E": "i32"},
-        "constexprs": {"BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "BLOCK_E": BLOCK_E, "DOT_FP32": dt == torch.float32},
+        "constexprs": {"BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "BLOCK_E": _BLOCK_E[dt], "DOT_FP32": dt == torch.float32},
         # fp32 is multiplied in IEEE fp32 (exact sums, no tf32): no tensor cores by design.
         "tile_products": dt != torch.float32,
     }
@@ -132,10 +132,11 @@ def cluster_sum(x: Tensor, assignment: Tensor, clusters: int) -> Tensor:
     n, h, length, e = x.shape
     out = torch.zeros(n, h, clusters, e, dtype=torch.float32, device=x.device)
     dot_fp32 = x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _interpreting())
-    grid = (n * h, triton.cdiv(length, BLOCK_L), triton.cdiv(e, BLOCK_E))
+    block_e = _BLOCK_E[x.dtype]
+    grid = (n * h, triton.cdiv(length, BLOCK_L), triton.cdiv(e, block_e))
     _cluster_sum_kernel[grid](
         x.contiguous(), assignment.contiguous(), out, length, clusters, e,
-        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, BLOCK_E=BLOCK_E, DOT_FP32=dot_fp32,
+        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, BLOCK_E=block_e, DOT_FP32=dot_fp32,
     )
     return out
 

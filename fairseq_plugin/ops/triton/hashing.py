@@ -21,7 +21,7 @@ import triton.language as tl
 from torch import Tensor
 
 BLOCK_R = 64  # rows per program
-BLOCK_E = 32  # features per tile product
+BLOCK_E = 16  # features per tile product
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 

@@ -1,0 +1,196 @@
+"""Ahead-of-time compile check of every Triton kernel configuration the dispatcher can choose.
+
+Needs no GPU: ``triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", cc, 32))``
+lowers each configuration to PTX and a cubin with the ptxas inside the triton wheel. The
+configurations are the module-level ``CONFIGS`` lists of the files under fairseq_plugin/ops/triton/
+(format: that package's docstring). One row per (configuration, arch):
+
+* registers: ``REG`` of ``cuobjdump --dump-resource-usage`` on the cubin (cuobjdump ships in the wheel);
+* spills: spill stores + spill loads (bytes) that ``ptxas -v`` reports for the kernel's PTX, run
+  with the wheel's ptxas for that arch and triton's register-allocation flag;
+* shared memory: ``metadata.shared`` (bytes);
+* tile: for configurations whose kernel multiplies tiles (``tile_products``), whether the PTX holds
+  tensor-core instructions: ``mma.sync`` (sm_80) / ``wgmma.mma_async`` (sm_90).
+
+It fails (exit 1, one line per failure) on a compile error, a spill, shared memory over the arch's
+per-block limit, or an sm_90 tile product without wgmma. The table also goes to a CSV.
+
+    python experiments/benchmarks/compile_kernels.py --arch sm_80,sm_90
+    python experiments/benchmarks/compile_kernels.py --arch sm_90 --only kmeans,aggregate --jobs 2
+    python experiments/benchmarks/compile_kernels.py --sample        # the last configuration of each kernel
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import csv
+import importlib
+import multiprocessing
+import os
+import pkgutil
+import re
+import subprocess
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+os.environ.pop("TRITON_INTERPRET", None)  # interpreted kernels cannot be compiled; before triton loads
+warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+PACKAGE = "fairseq_plugin.ops.triton"
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
+TILE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
+FIELDS = ["kernel", "arch", "types", "constexprs", "num_warps", "num_stages", "registers", "shared_bytes",
+          "spill_bytes", "tile", "status"]
+
+
+def kernel_files() -> List[str]:
+    """The kernel modules of the package (every file but __init__)."""
+    pkg = importlib.import_module(PACKAGE)
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def configs() -> List[Tuple[str, int]]:
+    """(module, index in its CONFIGS) for every configuration; a module without CONFIGS is an error."""
+    found = []
+    for name in kernel_files():
+        module = importlib.import_module(f"{PACKAGE}.{name}")
+        if not isinstance(getattr(module, "CONFIGS", None), list):
+            raise SystemExit(f"{PACKAGE}.{name} defines no module-level CONFIGS list (see {PACKAGE}'s docstring)")
+        found += [(name, i) for i in range(len(module.CONFIGS))]
+    return found
+
+
+def _tool(name: str) -> Path:
+    import triton
+
+    return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
+
+
+def _registers(cubin: bytes, function: str) -> int:
+    """``REG`` of ``function`` in a cubin, from cuobjdump."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        dump = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", f.name], capture_output=True,
+                              text=True, check=True)
+    block = dump.stdout.split(f"Function {function}:", 1)[1].split("Function", 1)[0]
+    return int(re.search(r"REG:(\d+)", block).group(1))
+
+
+def _spills(ptx: str, arch: int) -> int:
+    """Spill stores + loads (bytes) from ``ptxas -v``, with the ptxas triton uses for the arch:
+    the wheel's ``ptxas`` below sm_90, its newer ``ptxas-blackwell`` (triton 3.9) from sm_90 on."""
+    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        errors = []
+        for name in ("ptxas", "ptxas-blackwell")[:: -1 if arch >= 90 else 1]:
+            if not _tool(name).exists():
+                continue
+            cmd = [str(_tool(name)), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", f.name, "-o", os.devnull]
+            run = subprocess.run(cmd, capture_output=True, text=True)
+            if run.returncode == 0:
+                found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
+                return sum(int(a) + int(b) for a, b in found)
+            errors.append(run.stderr.strip().splitlines()[-1:])
+    raise RuntimeError(f"ptxas -v failed: {errors}")
+
+
+def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
+    """Compile one configuration for one arch; a row of the table (status "ok" or why it fails)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    cfg = importlib.import_module(f"{PACKAGE}.{name}").CONFIGS[index]
+    fn, constexprs = cfg["kernel"], dict(cfg.get("constexprs", {}))
+    signature = dict(cfg["signature"], **{key: "constexpr" for key in constexprs})
+    types = sorted({t[1:] for t in cfg["signature"].values() if t.startswith("*")})
+    row: Dict[str, object] = {
+        "kernel": f"{name}.{fn.__name__}", "arch": f"sm_{arch}", "types": "/".join(types),
+        "constexprs": " ".join(f"{k}={v}" for k, v in constexprs.items()),
+        "num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3),
+        "registers": "", "shared_bytes": "", "spill_bytes": "", "tile": "", "status": "ok",
+    }
+    try:
+        options = {"num_warps": row["num_warps"], "num_stages": row["num_stages"]}
+        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+    except Exception as err:  # a compile error is a result, not a crash of the check
+        row["status"] = "compile error: " + " ".join(str(err).split())[:300]
+        return row
+    registers, spills = _registers(kernel.asm["cubin"], kernel.metadata.name), _spills(kernel.asm["ptx"], arch)
+    shared = int(kernel.metadata.shared)
+    ptx = kernel.asm["ptx"]
+    has_tile = TILE_INSTRUCTION[arch] in ptx
+    row.update(registers=registers, shared_bytes=shared, spill_bytes=spills)
+    row["tile"] = ("mma" if arch < 90 else "wgmma") if has_tile else ("none" if cfg.get("tile_products") else "-")
+    problems = []
+    if spills:
+        problems.append(f"spills {spills} bytes")
+    if shared > SHARED_LIMIT[arch]:
+        problems.append(f"shared memory {shared} bytes > {SHARED_LIMIT[arch]}")
+    if cfg.get("tile_products") and arch >= 90 and not has_tile:
+        problems.append("tile product without wgmma")
+    if problems:
+        row["status"] = "; ".join(problems)
+    return row
+
+
+def _compile_star(job: Tuple[str, int, int]) -> Dict[str, object]:
+    return compile_one(*job)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="sm_80,sm_90", help="comma-separated: sm_80, sm_90")
+    parser.add_argument("--jobs", type=int, default=min(4, os.cpu_count() or 1), help="compiles in parallel")
+    parser.add_argument("--only", help="comma-separated kernel files (e.g. kmeans,hashing); default: all")
+    parser.add_argument("--sample", action="store_true", help="only the last configuration of every kernel (quick)")
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "benchmarks" / "compile_kernels.csv")
+    args = parser.parse_args(argv)
+    arches = []
+    for token in args.arch.split(","):
+        match = re.fullmatch(r"sm_?(\d+)a?", token.strip())
+        if not match or int(match.group(1)) not in SHARED_LIMIT:
+            parser.error(f"--arch: {token!r} is not one of sm_80, sm_90")
+        arches.append(int(match.group(1)))
+
+    chosen = [(name, index) for name, index in configs() if args.only is None or name in args.only.split(",")]
+    if args.sample:  # the last (usually the largest) configuration of every kernel
+        last = {}
+        for name, index in chosen:
+            last[(name, importlib.import_module(f"{PACKAGE}.{name}").CONFIGS[index]["kernel"].__name__)] = index
+        chosen = [(name, index) for (name, _), index in last.items()]
+    jobs = [(name, index, arch) for name, index in chosen for arch in arches]
+    if args.jobs > 1:
+        context = multiprocessing.get_context("fork")  # the workers inherit the imported modules
+        with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:
+            rows = list(pool.map(_compile_star, jobs))
+    else:
+        rows = [compile_one(*job) for job in jobs]
+
+    widths = {f: max(len(f), *(len(str(r[f])) for r in rows)) for f in FIELDS if f != "status"}
+    print("  ".join(f.ljust(widths.get(f, 0)) for f in FIELDS))
+    for r in rows:
+        print("  ".join(str(r[f]).ljust(widths.get(f, 0)) for f in FIELDS))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=FIELDS)
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {args.out}")
+    failures = [r for r in rows if r["status"] != "ok"]
+    for r in failures:
+        print(f"FAIL {r['kernel']} {r['arch']} [{r['types']} {r['constexprs']}]: {r['status']}", file=sys.stderr)
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
