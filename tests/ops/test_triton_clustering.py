@@ -8,8 +8,10 @@ kernel tests run (they are skipped in the parent, saying so). Run them directly 
 
     TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1 pytest -q tests/ops/test_triton_clustering.py
 
-Inputs are fresh random draws (the seed is in every failure message). The interpreter does not
-check bounds, so the harness asserts every index range before and after a launch.
+With ``FAIRSEQ_PLUGIN_TEST_DEVICE=cuda`` the same kernel tests run on CUDA tensors instead
+(scripts/gpu_check.sh). Inputs are fresh random draws (the seed is in every failure message). The
+interpreter does not check bounds, so the harness asserts every index range before and after a
+launch; the references run on CPU copies.
 """
 
 from __future__ import annotations
@@ -22,11 +24,18 @@ import pytest
 import torch
 
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FAIRSEQ_PLUGIN_TRITON_ON_CPU") == "1"
-kernels = pytest.mark.skipif(not INTERPRETED, reason="runs in the subprocess of test_interpreted (Triton interpreter)")
+DEVICE = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE", "cpu")
+ON_CUDA = DEVICE == "cuda"
+if ON_CUDA and not torch.cuda.is_available():
+    kernels = pytest.mark.skip(reason="FAIRSEQ_PLUGIN_TEST_DEVICE=cuda but CUDA is not available")
+else:
+    kernels = pytest.mark.skipif(
+        not (INTERPRETED or ON_CUDA), reason="runs in the subprocess of test_interpreted (Triton interpreter)"
+    )
 SEED = int.from_bytes(os.urandom(4), "little")
 
 
-@pytest.mark.skipif(INTERPRETED, reason="this is the subprocess")
+@pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="this is the subprocess, or the CUDA run")
 def test_interpreted():
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1", OMP_NUM_THREADS="1")
@@ -41,6 +50,12 @@ def _gen(salt: int) -> torch.Generator:
     return torch.Generator().manual_seed(SEED * 1000 + salt)
 
 
+def _on(*tensors):
+    """The tensors on the device under test (CPU under the interpreter)."""
+    moved = tuple(None if t is None else t.to(DEVICE) for t in tensors)
+    return moved if len(moved) > 1 else moved[0]
+
+
 def _msg(**kw) -> str:
     return f"SEED={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items())
 
@@ -49,10 +64,10 @@ def _msg(**kw) -> str:
 def test_implementation_says_triton():
     from fairseq_plugin.ops import implementation
 
-    assert implementation(torch.zeros(2)) == "triton"
-    assert implementation(torch.zeros(2, dtype=torch.float16)) == "triton"
-    assert implementation(torch.zeros(2, dtype=torch.int64)) == "triton"
-    assert implementation(torch.zeros(2, dtype=torch.float64)) != "triton"
+    assert implementation(_on(torch.zeros(2))) == "triton"
+    assert implementation(_on(torch.zeros(2, dtype=torch.float16))) == "triton"
+    assert implementation(_on(torch.zeros(2, dtype=torch.int64))) == "triton"
+    assert implementation(_on(torch.zeros(2, dtype=torch.float64))) != "triton"
 
 
 # hashing ------------------------------------------------------------------------------------
@@ -70,7 +85,7 @@ def test_hash_bit_identical_when_projections_are_exact(dtype, bits):
     g = _gen(bits)
     x = torch.randint(-4, 5, (2, 3, 70, 40), generator=g).to(dtype)  # 420 rows: not a multiple of the block
     planes = torch.randint(-4, 5, (bits, 41), generator=g).float()
-    codes = triton_hashing.lsh_hash(x, planes)
+    codes = triton_hashing.lsh_hash(*_on(x, planes)).cpu()
     ref = hashing.pack_bits(hashing.hash_bits_of(x, planes))
     assert codes.dtype == torch.int64 and codes.shape == (2, 3, 70)
     assert torch.equal(codes, ref), _msg(dtype=dtype, bits=bits)
@@ -85,7 +100,7 @@ def test_hash_random_differs_only_at_the_threshold(dtype):
     g = _gen(2)
     x = torch.randn(1, 2, 90, 72, generator=g).to(dtype)  # E = 72: three feature tiles, the last partial
     planes = hashing.draw_planes(63, 72, True, g)
-    codes = lsh_hash(x, planes)  # through the dispatcher
+    codes = lsh_hash(*_on(x, planes)).cpu()  # through the dispatcher
     proj = x.float() @ planes[:, :72].T - planes[:, 72]  # (..., B)
     differ = hashing.unpack_bits(codes, 63) != (proj > 0)
     assert (proj.abs()[differ] < 1e-4).all(), _msg(dtype=dtype, max_margin=proj.abs()[differ].max())
@@ -143,7 +158,8 @@ def test_kmeans_bit_identical_to_the_reference(case):
     for name, idx in (("init", init), ("reseed", reseed)):  # the kernels index codes with these
         assert int(idx.min()) >= 0 and int(idx.max()) < length, name
 
-    assignment, counts, order, offsets = triton_kmeans.hamming_kmeans(codes, init, reseed, pad, bits)
+    outputs = triton_kmeans.hamming_kmeans(*_on(codes, init, reseed, pad), bits)
+    assignment, counts, order, offsets = (t.cpu() for t in outputs)
     ref_assignment, ref_counts = kmeans_from_seeds(codes, bits, init, reseed, pad)
     msg = _msg(case=case)
     assert assignment.dtype == torch.int64 and counts.dtype == torch.int64, msg
@@ -167,8 +183,10 @@ def test_kmeans_bit_identical_to_the_reference(case):
 def test_kmeans_dispatch_returns_order():
     from fairseq_plugin.ops import hamming_kmeans
 
-    codes = torch.randint(0, 2**12, (1, 2, 40), generator=_gen(7))
-    assignment, counts, order, offsets = hamming_kmeans(codes, 12, 5, 2, generator=_gen(8), return_order=True)
+    codes = _on(torch.randint(0, 2**12, (1, 2, 40), generator=_gen(7)))
+    generator = torch.Generator(DEVICE).manual_seed(8)
+    outputs = hamming_kmeans(codes, 12, 5, 2, generator=generator, return_order=True)
+    assignment, counts, order, offsets = (t.cpu() for t in outputs)
     assert torch.equal(offsets[..., 1:] - offsets[..., :-1], counts.to(torch.int32))
     assert torch.equal(assignment.gather(-1, order.long()).diff(dim=-1) >= 0, torch.ones(1, 2, 39, dtype=torch.bool))
 
@@ -198,14 +216,14 @@ def test_cluster_sum_and_broadcast(dtype, shape):
 
     n, h, length, c, e = shape
     g = _gen(length + c)
-    x = torch.randn(n, h, length, e, generator=g).to(dtype).requires_grad_()
+    x = _on(torch.randn(n, h, length, e, generator=g).to(dtype)).requires_grad_()
     assignment = torch.randint(-1, c, (n, h, length), generator=g)  # -1: padded
     if length > 100:  # a 90% cluster
         assignment = assignment.masked_fill(torch.rand(n, h, length, generator=g) < 0.9, 3)
     assert int(assignment.max()) < c
     msg = _msg(dtype=dtype, shape=shape)
 
-    sums = aggregate.cluster_sum(x, assignment, c)
+    sums = aggregate.cluster_sum(x, _on(assignment), c).cpu()
     assert sums.dtype == torch.float32 and sums.shape == (n, h, c, e), msg
     ref = _reference_sum(x.detach(), assignment, c)
     scale = ref.abs().max().clamp_min(1)
@@ -213,16 +231,16 @@ def test_cluster_sum_and_broadcast(dtype, shape):
     grad = torch.randn(n, h, c, e, generator=g)
     sums.backward(grad)
     assert x.grad.dtype == dtype, msg
-    torch.testing.assert_close(x.grad.double(), _reference_broadcast(grad.double(), assignment).to(dtype).double(),
+    torch.testing.assert_close(x.grad.cpu().double(), _reference_broadcast(grad.double(), assignment).to(dtype).double(),
                                rtol=0, atol=0, msg=msg)
 
-    y = torch.randn(n, h, c, e, generator=g).to(dtype).requires_grad_()
-    out = aggregate.cluster_broadcast(y, assignment)
-    assert out.dtype == dtype and torch.equal(out, _reference_broadcast(y.detach(), assignment)), msg
+    y = _on(torch.randn(n, h, c, e, generator=g).to(dtype)).requires_grad_()
+    out = aggregate.cluster_broadcast(y, _on(assignment)).cpu()
+    assert out.dtype == dtype and torch.equal(out, _reference_broadcast(y.detach().cpu(), assignment)), msg
     grad_out = torch.randn(n, h, length, e, generator=g).to(dtype)
     out.backward(grad_out)
     ref_grad = _reference_sum(grad_out, assignment, c)
-    assert ((y.grad.double() - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1)) < TOL[dtype], msg
+    assert ((y.grad.cpu().double() - ref_grad).abs().max() / ref_grad.abs().max().clamp_min(1)) < TOL[dtype], msg
 
 
 @kernels
@@ -230,7 +248,7 @@ def test_cluster_sum_fp16_does_not_overflow():
     from fairseq_plugin.ops.triton import aggregate
 
     x = torch.full((1, 1, 100, 8), 1000.0, dtype=torch.float16)
-    sums = aggregate.cluster_sum(x, torch.zeros(1, 1, 100, dtype=torch.int64), 2)
+    sums = aggregate.cluster_sum(*_on(x, torch.zeros(1, 1, 100, dtype=torch.int64)), 2).cpu()
     assert sums[0, 0, 0].eq(100000.0).all() and sums[0, 0, 1].eq(0).all()  # > 65504
 
 
@@ -240,16 +258,20 @@ def test_clustered_attention_matches_the_reference(monkeypatch):
     from fairseq_plugin.ops import backend, clustered_attention
 
     g = _gen(11)
-    q, k, v = (torch.randn(1, 2, 75, 16, generator=g, requires_grad=True) for _ in range(3))
+    q, k, v = (_on(torch.randn(1, 2, 75, 16, generator=g)).requires_grad_() for _ in range(3))
     pad = torch.zeros(1, 75, dtype=torch.bool)
     pad[0, 70:] = True
+    pad = _on(pad)
     kw = dict(clusters=6, hash_bits=31, iterations=3, query_padding_mask=pad, key_padding_mask=pad,
               return_clusters=True)
-    out, info = clustered_attention(q, k, v, generator=torch.Generator().manual_seed(SEED), **kw)
+    out, info = clustered_attention(q, k, v, generator=torch.Generator(DEVICE).manual_seed(SEED), **kw)
     grads = torch.autograd.grad(out.square().sum(), (q, k, v))
-    monkeypatch.setattr(backend, "_on_cpu", False)  # now the csrc/ ops or the reference
+    # now the csrc/ ops or the reference
+    monkeypatch.setattr(backend, "_on_cpu", False)
+    monkeypatch.setattr(backend, "_triton_version", ("disabled by the test", False))
+    monkeypatch.setattr(backend, "_warned", True)
     assert backend.implementation(q) != "triton"
-    ref, ref_info = clustered_attention(q, k, v, generator=torch.Generator().manual_seed(SEED), **kw)
+    ref, ref_info = clustered_attention(q, k, v, generator=torch.Generator(DEVICE).manual_seed(SEED), **kw)
     ref_grads = torch.autograd.grad(ref.square().sum(), (q, k, v))
     assert torch.equal(info.assignment, ref_info.assignment), _msg()
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=_msg())
@@ -272,10 +294,12 @@ def test_opcheck():
     pad = torch.zeros(1, 20, dtype=torch.bool)
     pad[0, 15:] = True
     init, reseed = draw_kmeans_seeds(1, 2, 20, 3, 2, pad, g, codes.device)
-    torch.library.opcheck(hashing.lsh_hash, (x, torch.randn(9, 9, generator=g)))
+    planes, y = torch.randn(9, 9, generator=g), torch.randn(1, 2, 3, 8, generator=g)
+    x, assignment, codes, pad, init, reseed, planes, y = _on(x, assignment, codes, pad, init, reseed, planes, y)
+    torch.library.opcheck(hashing.lsh_hash, (x, planes))
     torch.library.opcheck(kmeans.hamming_kmeans, (codes, init, reseed, pad, 9))
     torch.library.opcheck(aggregate.cluster_sum, (x.requires_grad_(), assignment, 3))
-    torch.library.opcheck(aggregate.cluster_broadcast, (torch.randn(1, 2, 3, 8, requires_grad=True), assignment))
+    torch.library.opcheck(aggregate.cluster_broadcast, (y.requires_grad_(), assignment))
 
 
 @kernels
