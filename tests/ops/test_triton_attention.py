@@ -120,7 +120,7 @@ def _check_indices(kk, s, length, a, kpm=None, scores=None):
     order, offsets = sparse.group_by_cluster(a, c)
     assert order.min() >= 0 and order.max() < length, "order out of [0, L)"
     assert (offsets[..., 1:] >= offsets[..., :-1]).all() and offsets.min() >= 0 and offsets.max() <= length
-    blocks = sparse._blocks(kk, 16, 16, True)
+    blocks = sparse._blocks(16, 16, torch.float32, False, True)
     n_tiles = -(-length // blocks["BLOCK_M"]) + c
     table = sparse._tile_table(offsets.reshape(-1, c + 1), blocks["BLOCK_M"], n_tiles)
     j, row0 = table[..., 0], table[..., 1]

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from .topk import MAX_TOPK, softmax_topk
 
-MAX_HEAD_DIM = 256
+MAX_HEAD_DIM = 128
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_TL = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_TORCH = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 @triton.jit
@@ -62,14 +62,13 @@ def _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
-def _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, HAS_KPM: tl.constexpr, BLOCK_N: tl.constexpr):
+def _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, BLOCK_N: tl.constexpr):
     """(key indices (BLOCK_N,) in [0, S), whether each is a real key of T_j) for chunk kb."""
     slot = kb + tl.arange(0, BLOCK_N)
     used = slot < KK
     t = tl.load(TOP + (bh * C + j) * KK + slot, mask=used, other=0)
     t = tl.minimum(tl.maximum(t, 0), S - 1)
-    if HAS_KPM:
-        used = used & (tl.load(KPM + batch * S + t) == 0)
+    used = used & (tl.load(KPM + batch * S + t) == 0)
     return t, used
 
 
@@ -77,10 +76,10 @@ def _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, HAS_KPM: tl.constexpr, BLOCK_N: 
 def _topk_attn_fwd(
     Q, K, V,  # (N*H, L, E), (N*H, S, E), (N*H, S, M)
     TOP, MASS, REST,  # (N*H, C, KK) i32, (N*H, C) fp32, (N*H, C, M) fp32
-    KPM, ORDER, OFFSETS, TILES,  # (N, S) i8, (N*H, L) i32, (N*H, C+1) i32, (N*H, T, 2) i32
+    KPM, ORDER, OFFSETS, TILES,  # (N, S) i8 (zeros without a mask), (N*H, L) i32, (N*H, C+1) i32, (N*H, T, 2) i32
     OUT, O, LSE,  # (N*H, L, M) q dtype, (N*H, L, M) q dtype, (N*H, L) fp32
     scale, H, L, S, C, KK, E, M,
-    HAS_KPM: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+    IEEE: tl.constexpr, CAST_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -91,16 +90,18 @@ def _topk_attn_fwd(
         return
     ce = tl.arange(0, BLOCK_E)
     cd = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + (bh * L + qidx)[:, None] * E + ce[None, :], mask=valid[:, None] & (ce < E)[None, :], other=0.0)
+    q = tl.load(Q + bh * L * E + (qidx[:, None] * E + ce[None, :]), mask=valid[:, None] & (ce < E)[None, :], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
+    kbase = K + bh * S * E  # per-head bases: the tile offsets below stay int32
+    vbase = V + bh * S * M
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
     for kb in range(0, KK, BLOCK_N):
-        t, used = _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, HAS_KPM, BLOCK_N)
-        k = tl.load(K + (bh * S + t)[:, None] * E + ce[None, :], mask=(ce < E)[None, :], other=0.0)
-        v = tl.load(V + (bh * S + t)[:, None] * M + cd[None, :], mask=(cd < M)[None, :], other=0.0)
+        t, used = _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, BLOCK_N)
+        k = tl.load(kbase + (t[:, None] * E + ce[None, :]), mask=(ce < E)[None, :], other=0.0)
+        v = tl.load(vbase + (t[:, None] * M + cd[None, :]), mask=(cd < M)[None, :], other=0.0)
         if CAST_F32:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -117,11 +118,34 @@ def _topk_attn_fwd(
     mass = tl.load(MASS + bh * C + j)
     rest = tl.load(REST + (bh * C + j) * M + cd, mask=cd < M, other=0.0)
     out = mass * o + rest[None, :]
-    where = (bh * L + qidx)[:, None] * M + cd[None, :]
+    where = bh * L * M + (qidx[:, None] * M + cd[None, :])
     store = valid[:, None] & (cd < M)[None, :]
     tl.store(OUT + where, out.to(OUT.dtype.element_ty), mask=store)
     tl.store(O + where, o.to(O.dtype.element_ty), mask=store)
     tl.store(LSE + bh * L + qidx, m_i + tl.log(l_i), mask=valid)
+
+
+@triton.jit
+def _bwd_chunk(
+    TOP, KPM, kbase, vbase, q, do, lse, delta, valid, bh, batch, j, kb, scale, C, S, KK, E, M,
+    IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Recompute key chunk kb of a tile: (keys, real-key mask, K chunk, P, dS), P and dS (BLOCK_M, BLOCK_N) fp32."""
+    ce = tl.arange(0, BLOCK_E)
+    cd = tl.arange(0, BLOCK_D)
+    t, used = _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, BLOCK_N)
+    k = tl.load(kbase + (t[:, None] * E + ce[None, :]), mask=(ce < E)[None, :], other=0.0)
+    v = tl.load(vbase + (t[:, None] * M + cd[None, :]), mask=(cd < M)[None, :], other=0.0)
+    if CAST_F32:
+        k = k.to(tl.float32)
+        v = v.to(tl.float32)
+    s = _dot(q, tl.trans(k), IEEE) * scale
+    p = tl.exp(s - lse[:, None])
+    p = tl.where(valid[:, None] & used[None, :], p, 0.0)
+    dp = _dot(do, tl.trans(v), IEEE)
+    ds = p * (dp - delta[:, None])
+    return t, used, k, p, ds
 
 
 @triton.jit
@@ -131,7 +155,7 @@ def _topk_attn_bwd(
     KPM, ORDER, OFFSETS, TILES,
     DQ, DK, DV,  # (N*H, L, E) q dtype, (N*H, S, E) fp32, (N*H, S, M) fp32 (atomic accumulators)
     scale, H, L, S, C, KK, E, M,
-    HAS_KPM: tl.constexpr, IEEE: tl.constexpr, CAST_F32: tl.constexpr,
+    IEEE: tl.constexpr, CAST_F32: tl.constexpr, SPLIT_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     tile = tl.program_id(0)
@@ -142,35 +166,38 @@ def _topk_attn_bwd(
         return
     ce = tl.arange(0, BLOCK_E)
     cd = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + (bh * L + qidx)[:, None] * E + ce[None, :], mask=valid[:, None] & (ce < E)[None, :], other=0.0)
+    q = tl.load(Q + bh * L * E + (qidx[:, None] * E + ce[None, :]), mask=valid[:, None] & (ce < E)[None, :], other=0.0)
     if CAST_F32:
         q = q.to(tl.float32)
     mass = tl.load(MASS + bh * C + j)
-    dout = tl.load(DOUT + (bh * L + qidx)[:, None] * M + cd[None, :], mask=valid[:, None] & (cd < M)[None, :], other=0.0)
+    dout = tl.load(DOUT + bh * L * M + (qidx[:, None] * M + cd[None, :]), mask=valid[:, None] & (cd < M)[None, :], other=0.0)
     do = (dout.to(tl.float32) * mass).to(q.dtype)  # dO' = m̂·dout, (BLOCK_M, BLOCK_D)
     lse = tl.load(LSE + bh * L + qidx, mask=valid, other=0.0)
     delta = tl.load(DELTA + bh * L + qidx, mask=valid, other=0.0) * mass  # rowsum(dO' ⊙ O)
+    kbase = K + bh * S * E  # per-head bases: the tile offsets below stay int32
+    vbase = V + bh * S * M
     dq = tl.zeros((BLOCK_M, BLOCK_E), tl.float32)
     for kb in range(0, KK, BLOCK_N):
-        t, used = _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, HAS_KPM, BLOCK_N)
-        k = tl.load(K + (bh * S + t)[:, None] * E + ce[None, :], mask=(ce < E)[None, :], other=0.0)
-        v = tl.load(V + (bh * S + t)[:, None] * M + cd[None, :], mask=(cd < M)[None, :], other=0.0)
-        if CAST_F32:
-            k = k.to(tl.float32)
-            v = v.to(tl.float32)
-        s = _dot(q, tl.trans(k), IEEE) * scale
-        p = tl.exp(s - lse[:, None])
-        p = tl.where(valid[:, None] & used[None, :], p, 0.0)  # (BLOCK_M, BLOCK_N) fp32
-        dp = _dot(do, tl.trans(v), IEEE)
-        ds = p * (dp - delta[:, None])
-        dq += _dot(ds.to(k.dtype), k, IEEE)
+        t, used, k, p, ds = _bwd_chunk(
+            TOP, KPM, kbase, vbase, q, do, lse, delta, valid, bh, batch, j, kb, scale, C, S, KK, E, M,
+            IEEE, CAST_F32, BLOCK_N, BLOCK_E, BLOCK_D,
+        )
+        if not SPLIT_DQ:
+            dq += _dot(ds.to(k.dtype), k, IEEE)
         dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)  # (BLOCK_N, BLOCK_D)
         dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale  # (BLOCK_N, BLOCK_E)
         key = used[:, None]
-        tl.atomic_add(DV + (bh * S + t)[:, None] * M + cd[None, :], dv, mask=key & (cd < M)[None, :])
-        tl.atomic_add(DK + (bh * S + t)[:, None] * E + ce[None, :], dk, mask=key & (ce < E)[None, :])
+        tl.atomic_add(DV + bh * S * M + (t[:, None] * M + cd[None, :]), dv, mask=key & (cd < M)[None, :])
+        tl.atomic_add(DK + bh * S * E + (t[:, None] * E + ce[None, :]), dk, mask=key & (ce < E)[None, :])
+    if SPLIT_DQ:  # a second pass for dQ: the dQ accumulator is not live beside dK/dV (no spills)
+        for kb in range(0, KK, BLOCK_N):
+            t, used, k, p, ds = _bwd_chunk(
+                TOP, KPM, kbase, vbase, q, do, lse, delta, valid, bh, batch, j, kb, scale, C, S, KK, E, M,
+                IEEE, CAST_F32, BLOCK_N, BLOCK_E, BLOCK_D,
+            )
+            dq += _dot(ds.to(k.dtype), k, IEEE)
     tl.store(
-        DQ + (bh * L + qidx)[:, None] * E + ce[None, :],
+        DQ + bh * L * E + (qidx[:, None] * E + ce[None, :]),
         (dq * scale).to(DQ.dtype.element_ty),
         mask=valid[:, None] & (ce < E)[None, :],
     )
@@ -180,15 +207,27 @@ def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _blocks(kk: int, e: int, m: int, interpreted: bool) -> dict:
-    """The constexpr tile sizes the dispatcher chooses. Under the interpreter small tiles, so that
-    the tests' small shapes cross tile and key-chunk boundaries."""
-    return {
-        "BLOCK_M": 16 if interpreted else 64,
-        "BLOCK_N": 16 if interpreted else max(16, min(64, triton.next_power_of_2(kk))),
-        "BLOCK_E": max(16, triton.next_power_of_2(e)),
-        "BLOCK_D": max(16, triton.next_power_of_2(m)),
-    }
+def _blocks(e: int, m: int, dtype: torch.dtype, backward: bool, interpreted: bool) -> dict:
+    """The constexpr tile sizes (and SPLIT_DQ for the backward) the dispatcher chooses.
+
+    On the GPU: tiles of 64 queries (32 in fp32, whose IEEE dots hold more registers), head dims
+    padded to 64 or 128, 32 keys a step (16 in the backward at head dim 128, whose dQ then takes
+    a second pass; fp32 as below). Few configurations, none spilling on sm_80 or sm_90 (see CONFIGS). Under the
+    interpreter small tiles, so that the tests' small shapes cross tile and key-chunk boundaries,
+    and both backward variants run."""
+    if interpreted:
+        blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_E": max(16, triton.next_power_of_2(e)),
+                  "BLOCK_D": max(16, triton.next_power_of_2(m))}
+        return {**blocks, "SPLIT_DQ": max(e, m) > 16} if backward else blocks
+    head = 64 if max(e, m) <= 64 else 128
+    if dtype == torch.float32:
+        # (fp32 forward at head dim 64 spills 16 bytes on sm_90 with 32 keys a step, and with 16 at 128)
+        blocks = {"BLOCK_M": 32, "BLOCK_N": 16 if backward or head == 64 else 32, "BLOCK_E": head, "BLOCK_D": head}
+        return {**blocks, "SPLIT_DQ": False} if backward else blocks
+    if not backward:
+        return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_E": head, "BLOCK_D": head}
+    return {"BLOCK_M": 64, "BLOCK_N": 16 if head == 128 else 32, "BLOCK_E": head, "BLOCK_D": head,
+            "SPLIT_DQ": head == 128}
 
 
 def _signature(dtype: str, backward: bool) -> dict:
@@ -207,25 +246,23 @@ def _signature(dtype: str, backward: bool) -> dict:
 
 
 def _num_warps(blocks: dict) -> int:
-    return 8 if blocks["BLOCK_E"] >= 128 or blocks["BLOCK_D"] >= 128 else 4
+    return 8 if blocks["BLOCK_M"] >= 32 else 4
 
 
-# The GPU configurations the dispatcher chooses for the common head dims (E = M in 32, 64, 128)
-# and top-k widths (BLOCK_N 16, 32, 64: k = 16, 32, >= 64), fp16 and bf16, with key padding
-# (HAS_KPM only adds a load). fp32 inputs use the same tiles with IEEE dots (no tensor-core check).
+# Every GPU configuration the dispatcher chooses: forward and backward, fp16 / bf16 (tensor-core
+# tiles) and fp32 (IEEE dots, no tensor cores), head dims padded to 64 or 128.
 CONFIGS = [
     {
         "kernel": kernel,
         "signature": _signature(dtype, kernel is _topk_attn_bwd),
-        "constexprs": {"HAS_KPM": True, "IEEE": False, "CAST_F32": False, **blocks},
+        "constexprs": {"IEEE": dtype == "fp32", "CAST_F32": False, **blocks},
         "num_warps": _num_warps(blocks),
-        "tile_products": True,
+        "tile_products": dtype != "fp32",
     }
     for kernel in (_topk_attn_fwd, _topk_attn_bwd)
-    for dtype in ("fp16", "bf16")
-    for d in (32, 64, 128)
-    for kk in (16, 32, 64)
-    for blocks in (_blocks(kk, d, d, False),)
+    for dtype in ("fp16", "bf16", "fp32")
+    for head in (64, 128)
+    for blocks in (_blocks(head, head, _TORCH[dtype], kernel is _topk_attn_bwd, False),)
 ]
 
 
@@ -256,9 +293,9 @@ def group_by_cluster(assignment: Tensor, clusters: int) -> Tuple[Tensor, Tensor]
     return order.to(torch.int32), offsets.to(torch.int32)
 
 
-def _kpm_i8(key_padding_mask: Optional[Tensor], like: Tensor) -> Tensor:
+def _kpm_i8(key_padding_mask: Optional[Tensor], n: int, s: int, like: Tensor) -> Tensor:
     if key_padding_mask is None:
-        return like.new_empty(1, dtype=torch.int8)
+        return torch.zeros(n, s, dtype=torch.int8, device=like.device)
     return key_padding_mask.to(torch.int8).contiguous()
 
 
@@ -283,14 +320,14 @@ def topk_attention(
     out = torch.zeros(n, h, length, m, dtype=q.dtype, device=q.device)
     o = torch.zeros_like(out)
     lse = torch.zeros(n, h, length, dtype=torch.float32, device=q.device)
-    blocks = _blocks(kk, e, m, _interpreted())
+    blocks = _blocks(e, m, q.dtype, False, _interpreted())
     n_tiles = triton.cdiv(length, blocks["BLOCK_M"]) + c
     tiles = _tile_table(offsets.reshape(n * h, c + 1), blocks["BLOCK_M"], n_tiles)
     _topk_attn_fwd[(n_tiles, n * h)](
         q.contiguous(), k.contiguous(), v.contiguous(), top.contiguous(), mass.contiguous(), rest.contiguous(),
-        _kpm_i8(key_padding_mask, q), order.contiguous(), offsets.contiguous(), tiles,
+        _kpm_i8(key_padding_mask, n, s, q), order.contiguous(), offsets.contiguous(), tiles,
         out, o, lse, float(scale), h, length, s, c, kk, e, m,
-        HAS_KPM=key_padding_mask is not None, **_flags(q), **blocks, num_warps=_num_warps(blocks),
+        **_flags(q), **blocks, num_warps=_num_warps(blocks),
     )
     return out, o, lse
 
@@ -313,14 +350,14 @@ def topk_attention_backward(
     dq = torch.zeros_like(q)
     dk = torch.zeros(n, h, s, e, dtype=torch.float32, device=q.device)
     dv = torch.zeros(n, h, s, m, dtype=torch.float32, device=q.device)
-    blocks = _blocks(kk, e, m, _interpreted())
+    blocks = _blocks(e, m, q.dtype, True, _interpreted())
     n_tiles = triton.cdiv(length, blocks["BLOCK_M"]) + c
     tiles = _tile_table(offsets.reshape(n * h, c + 1), blocks["BLOCK_M"], n_tiles)
     _topk_attn_bwd[(n_tiles, n * h)](
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), top.contiguous(), mass.contiguous(),
-        lse.contiguous(), delta.contiguous(), _kpm_i8(key_padding_mask, q), order.contiguous(),
+        lse.contiguous(), delta.contiguous(), _kpm_i8(key_padding_mask, n, s, q), order.contiguous(),
         offsets.contiguous(), tiles, dq, dk, dv, float(scale), h, length, s, c, kk, e, m,
-        HAS_KPM=key_padding_mask is not None, **_flags(q), **blocks, num_warps=_num_warps(blocks),
+        **_flags(q), **blocks, num_warps=_num_warps(blocks),
     )
     return dq, dk.to(k.dtype), dv.to(v.dtype)
 
@@ -381,6 +418,8 @@ def check_inputs(q: Tensor, k: Tensor, v: Tensor, centroids: Tensor, assignment:
         raise ValueError(f"centroids must be (N={n}, H={h}, C, E={e}), got {tuple(centroids.shape)}")
     if e > MAX_HEAD_DIM or v.shape[3] > MAX_HEAD_DIM:
         raise ValueError(f"q and v head dims must be <= {MAX_HEAD_DIM} for the Triton kernels, got E={e}, M={v.shape[3]}")
+    if max(length * e, k.shape[2] * max(e, v.shape[3])) >= 2**31:
+        raise ValueError(f"q, k and v must each hold < 2**31 elements per head (int32 tile offsets), got {tuple(q.shape)}, {tuple(k.shape)}")
     if not isinstance(assignment, Tensor) or assignment.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"assignment must be an int32/int64 tensor, got {getattr(assignment, 'dtype', type(assignment).__name__)}")
     if tuple(assignment.shape) != (n, h, length) or assignment.device != q.device:

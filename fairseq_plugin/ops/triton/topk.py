@@ -31,11 +31,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-MAX_TOPK = 1024  # the running top-k list is one sorted block of next_pow2(k) int64 keys
-_IDX_BASE = 2**31 - 1  # low 32 bits of a key hold _IDX_BASE - index, so lower index = larger key
-_PADDED = -1  # high 32 bits of a padded key (real keys hold the weight's bits, >= 0)
-_OUTSIDE = -2  # high 32 bits of a lane past S
-_EMPTY = -3  # high 32 bits of an unfilled slot of the running list
+MAX_TOPK = 512  # the running top-k list is one sorted block of int64 keys
+# Sort keys: the low 32 bits hold _IDX_BASE - index (lower index = larger key), the high 32 bits
+# the weight's bits for a real key (>= 0), or one of these below it (constexpr: kernels read them).
+_IDX_BASE = tl.constexpr(2**31 - 1)
+_PADDED = tl.constexpr(-1)  # a padded key
+_OUTSIDE = tl.constexpr(-2)  # a lane past S
+_EMPTY_KEY = tl.constexpr(-3 << 32)  # an unfilled slot of the running list
+_NO_KEY = tl.constexpr(-4 << 32)  # below everything
 
 
 @triton.jit
@@ -43,13 +46,13 @@ def _head(x, N: tl.constexpr, K: tl.constexpr):
     """The first K entries of a (N,) int64 block (N a multiple of K)."""
     x2 = tl.reshape(x, (N // K, K))
     first = (tl.arange(0, N // K) == 0)[:, None]
-    return tl.max(tl.where(first, x2, -(4 << 32)), axis=0)
+    return tl.max(tl.where(first, x2, _NO_KEY), axis=0)
 
 
 @triton.jit
 def _softmax_topk_kernel(
     SCORES,  # (R, S) fp32, R = N*H*C rows
-    KPM,  # (N, S) int8, 1 = padded (unused unless HAS_KPM)
+    KPM,  # (N, S) int8, 1 = padded (all zeros without a mask: one config, one byte a key)
     REST_W,  # (R, S) fp32 out: weights with the top-k zeroed
     TOP,  # (R, KK) int32 out
     TOP_W,  # (R, KK) fp32 out
@@ -57,7 +60,6 @@ def _softmax_topk_kernel(
     S,
     KK,
     ROWS_PER_BATCH,  # H*C: row r belongs to batch r // (H*C)
-    HAS_KPM: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -73,9 +75,8 @@ def _softmax_topk_kernel(
         idx = start + lanes
         inside = idx < S
         s = tl.load(scores + idx, mask=inside, other=float("-inf"))
-        if HAS_KPM:
-            padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
-            s = tl.where(padded, float("-inf"), s)
+        padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
+        s = tl.where(padded, float("-inf"), s)
         m_new = tl.maximum(m_vec, s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(s - m_safe)
@@ -85,32 +86,29 @@ def _softmax_topk_kernel(
     row_sum = tl.sum(l_vec * tl.exp(m_vec - max_safe), axis=0)  # 0 for an all-padded row -> NaN weights
 
     # Pass 2: weights, written out, and the running top-k list (sorted descending).
-    best = tl.full((BLOCK_K,), _EMPTY << 32, tl.int64)
+    best = tl.full((BLOCK_K,), _EMPTY_KEY, tl.int64)
     for start in range(0, S, BLOCK_S):
         idx = start + lanes
         inside = idx < S
         s = tl.load(scores + idx, mask=inside, other=float("-inf"))
-        padded = idx < 0
-        if HAS_KPM:
-            padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
-            s = tl.where(padded, float("-inf"), s)
+        padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
+        s = tl.where(padded, float("-inf"), s)
         w = tl.exp(s - max_safe) / row_sum
         tl.store(REST_W + row * S + idx, w, mask=inside)
         bits = tl.where(w > 0, w.to(tl.int32, bitcast=True), 0)  # monotonic in w for w >= 0; NaN -> 0
         high = tl.where(inside, tl.where(padded, _PADDED, bits), _OUTSIDE)
-        key = high.to(tl.int64) * (1 << 32) + (_IDX_BASE - idx).to(tl.int64)
+        key = high.to(tl.int64) * (1 << 32) + (idx * -1 + _IDX_BASE).to(tl.int64)
         chunk = _head(tl.sort(key, descending=True), BLOCK_S, BLOCK_K)
         merged = tl.reshape(tl.join(best, chunk), (2 * BLOCK_K,))
         best = _head(tl.sort(merged, descending=True), 2 * BLOCK_K, BLOCK_K)
 
     # Decode: index from the low 32 bits, clamped into [0, S) whatever the scores held.
     low = best - ((best >> 32) << 32)
-    top = tl.minimum(tl.maximum(_IDX_BASE - low, 0), S - 1)
+    top = tl.minimum(tl.maximum(low * -1 + _IDX_BASE, 0), S - 1)
     slot = tl.arange(0, BLOCK_K)
     used = slot < KK
     s = tl.load(scores + top, mask=used, other=float("-inf"))
-    if HAS_KPM:
-        s = tl.where(tl.load(KPM + batch * S + top, mask=used, other=1) != 0, float("-inf"), s)
+    s = tl.where(tl.load(KPM + batch * S + top, mask=used, other=1) != 0, float("-inf"), s)
     w = tl.where(used, tl.exp(s - max_safe) / row_sum, 0.0)
     tl.store(TOP + row * KK + slot, top.to(tl.int32), mask=used)
     tl.store(TOP_W + row * KK + slot, w, mask=used)
@@ -121,37 +119,41 @@ def _softmax_topk_kernel(
     tl.store(REST_W + row * S + top, tl.zeros((BLOCK_K,), tl.float32), mask=used)
 
 
+_GPU_BLOCK_K = (32, 128, 512)  # few configs: each is a bitonic sort network, slow to compile
+
+
 def _blocks(kk: int, interpreted: bool) -> Tuple[int, int]:
-    block_k = max(16, triton.next_power_of_2(kk))
-    # On the GPU one chunk of 1024 keys per step; under the interpreter small chunks, so that the
-    # tests' small shapes go through several chunk merges.
-    block_s = max(block_k, 32 if interpreted else 1024)
-    return block_s, block_k
+    """(BLOCK_S, BLOCK_K). On the GPU BLOCK_K is the smallest of _GPU_BLOCK_K that holds k and
+    chunks are 256 keys (or BLOCK_K); under the interpreter both are small, so that the tests'
+    small shapes go through several chunk merges."""
+    if interpreted:
+        block_k = max(16, triton.next_power_of_2(kk))
+        return max(32, block_k), block_k
+    block_k = next(b for b in _GPU_BLOCK_K if b >= kk)
+    return max(256, block_k), block_k
 
 
 def _num_warps(block_s: int) -> int:
-    return 8 if block_s >= 2048 else 4
+    return 4
 
 
-def _signature(has_kpm: bool) -> dict:
+def _signature() -> dict:
     return {
         "SCORES": "*fp32", "KPM": "*i8", "REST_W": "*fp32", "TOP": "*i32", "TOP_W": "*fp32", "MASS": "*fp32",
         "S": "i32", "KK": "i32", "ROWS_PER_BATCH": "i32",
     }
 
 
-# Every (constexpr) configuration the dispatcher chooses on the GPU: BLOCK_K = max(16, next_pow2(k))
-# for k <= MAX_TOPK, BLOCK_S = max(BLOCK_K, 1024), with and without key padding.
+# Every (constexpr) configuration the dispatcher chooses on the GPU (one per entry of _GPU_BLOCK_K).
 CONFIGS = [
     {
         "kernel": _softmax_topk_kernel,
-        "signature": _signature(has_kpm),
-        "constexprs": {"HAS_KPM": has_kpm, "BLOCK_S": max(bk, 1024), "BLOCK_K": bk},
-        "num_warps": _num_warps(max(bk, 1024)),
+        "signature": _signature(),
+        "constexprs": {"BLOCK_S": _blocks(bk, False)[0], "BLOCK_K": bk},
+        "num_warps": _num_warps(_blocks(bk, False)[0]),
         "tile_products": False,
     }
-    for has_kpm in (False, True)
-    for bk in (16, 32, 64, 128, 256, 512, 1024)
+    for bk in _GPU_BLOCK_K
 ]
 
 
@@ -194,12 +196,14 @@ def softmax_topk(
     rows = n * h * c
     if rows == 0:
         return rest_w, top, top_w, mass
-    has_kpm = key_padding_mask is not None
-    kpm = key_padding_mask.to(torch.int8).contiguous() if has_kpm else scores.new_empty(1, dtype=torch.int8)
+    if key_padding_mask is None:
+        kpm = torch.zeros(n, s, dtype=torch.int8, device=scores.device)
+    else:
+        kpm = key_padding_mask.to(torch.int8).contiguous()
     block_s, block_k = _blocks(topk, _interpreted())
     _softmax_topk_kernel[(rows,)](
         scores, kpm, rest_w, top, top_w, mass, s, topk, h * c,
-        HAS_KPM=has_kpm, BLOCK_S=block_s, BLOCK_K=block_k, num_warps=_num_warps(block_s),
+        BLOCK_S=block_s, BLOCK_K=block_k, num_warps=_num_warps(block_s),
     )
     return rest_w, top, top_w, mass
 
