@@ -1,5 +1,9 @@
-"""The attention options: one dataclass, the single source of truth for names, defaults and help.
+"""The attention options of the fairseq models: one dataclass for names, defaults and help.
 
+The clustering and hardmax options (their defaults, bounds and help) are defined once, without
+fairseq, in :data:`fairseq_plugin.ops.options.OPTIONS`; :class:`AttentionConfig` adds the
+fairseq-only ones (``--attention-type``, ``--attention-stats``) and the command-line names
+(``--cluster-iterations`` for ``iterations``, ``--hardmax-*`` for the hardmax ones).
 Everything else derives from :class:`AttentionConfig`:
 
 - :func:`add_attention_args` turns each field into a ``--kebab-case`` option whose help shows the
@@ -18,10 +22,11 @@ rather than ``--no-...`` flags: a ``store_false`` action would carry an implicit
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
+
+from .ops.options import OPTIONS, argparse_type
 
 ATTENTION_TYPES = ("softmax", "clustered", "i_clustered", "hardmax")
 
@@ -39,51 +44,6 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return parse
 
 
-def _int_in(lo: int, hi: Optional[int] = None) -> Callable[[Any], int]:
-    span = f"in {lo}..{hi}" if hi is not None else f">= {lo}"
-
-    def parse(value: Any) -> int:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = int(value) if isinstance(value, str) else value
-            if not isinstance(number, int):
-                raise ValueError
-        except ValueError:
-            raise ValueError(f"must be an integer {span} (got {value!r})") from None
-        if number < lo or (hi is not None and number > hi):
-            raise ValueError(f"must be an integer {span} (got {number})")
-        return number
-
-    return parse
-
-
-def _float_min(lo: float, *, inclusive: bool) -> Callable[[Any], float]:
-    span = f">= {lo}" if inclusive else f"> {lo}"
-
-    def parse(value: Any) -> float:
-        try:
-            if isinstance(value, bool):
-                raise ValueError
-            number = float(value)
-        except (TypeError, ValueError):
-            raise ValueError(f"must be a number {span} (got {value!r})") from None
-        if number != number or number < lo or (number == lo and not inclusive):
-            raise ValueError(f"must be a number {span} (got {value!r})")
-        return number
-
-    return parse
-
-
-def _optional(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
-    def parse_optional(value: Any) -> Any:
-        if value is None or (isinstance(value, str) and value.lower() == "none"):
-            return None
-        return parse(value)
-
-    return parse_optional
-
-
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -99,6 +59,14 @@ def _option(default: Any, help: str, parse: Callable[[Any], Any], metavar: str) 
     return field(default=default, metadata={"help": help, "parse": parse, "metavar": metavar})
 
 
+def _from_ops(name: str) -> Any:
+    """A field defined by :data:`fairseq_plugin.ops.options.OPTIONS` (default, bounds, help); a
+    model's default where it differs from the functional API's (the hardmax training temperature)."""
+    opt = OPTIONS[name]
+    default = opt.default if opt.model_default is None else opt.model_default
+    return field(default=default, metadata={"help": opt.help, "parse": opt.parse, "metavar": opt.metavar})
+
+
 @dataclass
 class AttentionConfig:
     """Self-attention options shared by every encoder of the plugin (see DESIGN.md §2)."""
@@ -110,46 +78,14 @@ class AttentionConfig:
         _choice(*ATTENTION_TYPES),
         "{" + ",".join(ATTENTION_TYPES) + "}",
     )
-    clusters: int = _option(
-        100,
-        "query clusters C per head for clustered / i_clustered attention (min(C, length) are used)",
-        _int_in(1),
-        "C",
-    )
-    hash_bits: int = _option(
-        63, "bits B of the random-hyperplane hash that queries are clustered on (1..63)", _int_in(1, 63), "B"
-    )
-    cluster_iterations: int = _option(
-        10, "Lloyd iterations of the Hamming k-means on the query hashes (>= 0)", _int_in(0), "I"
-    )
-    hash_bias: bool = _option(
-        True, "hyperplanes with a random offset (true) or through the origin (false)", _bool, "{true,false}"
-    )
-    topk: int = _option(
-        32,
-        "keys per cluster attended exactly by i_clustered attention; topk >= length is exact softmax",
-        _int_in(1),
-        "K",
-    )
-    softmax_temp: Optional[float] = _option(
-        None,
-        "softmax temperature τ of softmax / clustered / i_clustered attention (None = 1/sqrt(head dim))",
-        _optional(_float_min(0.0, inclusive=False)),
-        "T",
-    )
-    hardmax_temperature: float = _option(
-        0.001,
-        "hardmax: temperature of the low-temperature softmax used while training (evaluation uses "
-        "the exact hardmax)",
-        _float_min(0.0, inclusive=False),
-        "T",
-    )
-    hardmax_tie_tolerance: float = _option(
-        0.0,
-        "hardmax: keys whose score is within this of the best one tie and share the attention (>= 0)",
-        _float_min(0.0, inclusive=True),
-        "EPS",
-    )
+    clusters: int = _from_ops("clusters")
+    hash_bits: int = _from_ops("hash_bits")
+    cluster_iterations: int = _from_ops("iterations")
+    hash_bias: bool = _from_ops("hash_bias")
+    topk: int = _from_ops("topk")
+    softmax_temp: Optional[float] = _from_ops("softmax_temp")
+    hardmax_temperature: float = _from_ops("temperature")
+    hardmax_tie_tolerance: float = _from_ops("tie_tolerance")
     attention_stats: bool = _option(
         True,
         "log attention statistics as fairseq metrics: attn_cluster_size_cv (clustered, i_clustered), "
@@ -186,20 +122,10 @@ def add_attention_args(parser: Any) -> None:
     for f in dataclasses.fields(AttentionConfig):
         parser.add_argument(
             f"--{_flag(f.name)}",
-            type=_argparse_type(f.metadata["parse"]),
+            type=argparse_type(f.metadata["parse"]),
             metavar=f.metadata["metavar"],
             help=f"{f.metadata['help']} (default: {f.default})",
         )
-
-
-def _argparse_type(parse: Callable[[Any], Any]) -> Callable[[str], Any]:
-    def convert(text: str) -> Any:
-        try:
-            return parse(text)
-        except ValueError as err:
-            raise argparse.ArgumentTypeError(str(err)) from None
-
-    return convert
 
 
 def apply_attention_defaults(args: Any, **arch_overrides: Any) -> None:

@@ -246,6 +246,8 @@ def fmt(value, digits=1) -> str:
 
 
 def main(argv: Optional[List[str]] = None) -> None:
+    from fairseq_plugin.ops.options import OPTIONS, argparse_type
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--dtype", default=None,
@@ -257,10 +259,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--heads", type=int, default=None, help="default 4 (CPU), 8 (CUDA)")
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--clusters", type=int, default=100)
-    parser.add_argument("--hash-bits", type=int, default=63)
-    parser.add_argument("--iterations", type=int, default=10, help="k-means iterations")
-    parser.add_argument("--topk", type=int, default=32)
+    for name in ("clusters", "hash_bits", "iterations", "topk"):  # defaults, bounds, help: the ops' own
+        opt = OPTIONS[name]
+        parser.add_argument(f"--{name.replace('_', '-')}", type=argparse_type(opt.parse), default=opt.default,
+                            metavar=opt.metavar, help=f"{opt.help} (default: {opt.default})")  # fmt: skip
     parser.add_argument("--repeats", type=int, default=5, help="timed runs per cell and process (after one warm-up)")
     parser.add_argument("--processes", type=int, default=3,
                         help="CPU: fresh processes that time each cell; the table shows the median of all their runs")  # fmt: skip

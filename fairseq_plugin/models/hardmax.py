@@ -27,6 +27,7 @@ false keeps alpha fixed), ``--spd-eps`` (0.01),
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, Dict, List, NamedTuple, Optional
 
@@ -36,19 +37,30 @@ from fairseq.models import BaseFairseqModel, register_model, register_model_arch
 from torch import Tensor, nn
 
 from .. import ops
-from ..config import AttentionConfig, _bool, add_attention_args, apply_attention_defaults
+from ..config import AttentionConfig, add_attention_args, apply_attention_defaults
+from ..ops.options import OPTIONS, Option, argparse_type
 
 PURE_ATTENTION_TYPES = ("hardmax", "softmax")
 
-# name -> (default, type, help): the model's own options (the attention ones live in config.py)
-MODEL_OPTIONS: Dict[str, tuple] = {
-    "encoder_embed_dim": (16, int, "token dimension d (the paper: 2, 4, 8 or 16)"),
-    "encoder_layers": (8, int, "pure-attention layers, all sharing one weight set (A, alpha)"),
-    "hardmax_alpha": (1.0, float, "step alpha > 0 of z <- (z + alpha attn(z)) / (1 + alpha): its initial value"),
-    "train_alpha": (True, _bool, "train alpha (true) or keep it fixed at --hardmax-alpha (false)"),
-    "spd_eps": (0.01, float, "A = B Bᵀ + eps I: the floor eps > 0 on A's eigenvalues"),
-    "embed_init_std": (1.0, float, "standard deviation of the initial token embeddings"),
-}
+_ALPHA = OPTIONS["alpha"]
+# The model's own options, as the same Option records as the attention ones (fairseq_plugin.ops.options);
+# alpha is the hardmax step of the functional API, with the model's initial value.
+MODEL_OPTIONS: Dict[str, Option] = {
+    o.name: o
+    for o in (
+        Option("encoder_embed_dim", int, 16, "token dimension d (the paper: 2, 4, 8 or 16)", low=1, metavar="D"),
+        Option("encoder_layers", int, 8, "pure-attention layers, all sharing one weight set (A, alpha)", low=1,
+               metavar="N"),
+        dataclasses.replace(_ALPHA, name="hardmax_alpha", default=_ALPHA.model_default, none_means=None,
+                            help=f"{_ALPHA.help}: its initial value"),
+        Option("train_alpha", bool, True, "train alpha (true) or keep it fixed at --hardmax-alpha (false)",
+               metavar="{true,false}"),
+        Option("spd_eps", float, 0.01, "A = B Bᵀ + eps I: the floor eps > 0 on A's eigenvalues", low=0, open_low=True,
+               metavar="EPS"),
+        Option("embed_init_std", float, 1.0, "standard deviation of the initial token embeddings", low=0,
+               open_low=True, metavar="STD"),
+    )
+}  # fmt: skip
 
 
 class Trajectory(NamedTuple):
@@ -118,30 +130,30 @@ class PureAttentionModel(BaseFairseqModel):
                 f"--attention-type {self.attention_cfg.attention_type} is not available in the pure-attention "
                 f"model; choose one of {', '.join(PURE_ATTENTION_TYPES)}"
             )
-        dim, layers = int(args.encoder_embed_dim), int(args.encoder_layers)
-        for name, value in (("encoder_embed_dim", dim), ("encoder_layers", layers)):
-            if value < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-        for name in ("hardmax_alpha", "spd_eps", "embed_init_std"):
-            if not float(getattr(args, name)) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+        values = {}
+        for name, opt in MODEL_OPTIONS.items():
+            try:
+                values[name] = opt.parse(getattr(args, name))
+            except ValueError as err:
+                raise ValueError(f"--{name.replace('_', '-')} {err}") from None
+        dim, layers = values["encoder_embed_dim"], values["encoder_layers"]
         self.dictionary = dictionary
         self.num_layers = layers
         self.special = sorted({dictionary.pad(), dictionary.eos(), dictionary.bos()})
         self.embed_tokens = nn.Embedding(len(dictionary), dim, padding_idx=dictionary.pad())
-        nn.init.normal_(self.embed_tokens.weight, std=float(args.embed_init_std))
+        nn.init.normal_(self.embed_tokens.weight, std=values["embed_init_std"])
         with torch.no_grad():
             self.embed_tokens.weight[dictionary.pad()].zero_()
-        self.layer = SharedPureAttention(dim, self.attention_cfg, float(args.hardmax_alpha), float(args.spd_eps),
-                                         train_alpha=_bool(args.train_alpha))  # fmt: skip
+        self.layer = SharedPureAttention(dim, self.attention_cfg, values["hardmax_alpha"], values["spd_eps"],
+                                         train_alpha=values["train_alpha"])  # fmt: skip
         self.classification_heads = nn.ModuleDict()
         self._max_positions = getattr(args, "max_positions", None)
 
     @staticmethod
     def add_args(parser) -> None:
-        for name, (default, kind, text) in MODEL_OPTIONS.items():
-            metavar = "{true,false}" if kind is _bool else kind.__name__.upper()
-            parser.add_argument(f"--{name.replace('_', '-')}", type=kind, metavar=metavar, help=f"{text} (default: {default})")
+        for name, opt in MODEL_OPTIONS.items():
+            parser.add_argument(f"--{name.replace('_', '-')}", type=argparse_type(opt.parse), metavar=opt.metavar,
+                                help=f"{opt.help} (default: {opt.default})")  # fmt: skip
         add_attention_args(parser)
 
     @classmethod
@@ -204,9 +216,9 @@ class PureAttentionModel(BaseFairseqModel):
 
 def base_architecture(args: Any, **attention_overrides: Any) -> None:
     """Fill what ``args`` lacks: MODEL_OPTIONS defaults, then the attention defaults."""
-    for name, (default, _, _) in MODEL_OPTIONS.items():
+    for name, opt in MODEL_OPTIONS.items():
         if getattr(args, name, None) is None:
-            setattr(args, name, default)
+            setattr(args, name, opt.default)
     apply_attention_defaults(args, **attention_overrides)
 
 

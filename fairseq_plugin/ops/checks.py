@@ -11,8 +11,10 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .options import MAX_HASH_BITS, check
+
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_HASH_BITS = 63  # codes are packed into a signed int64; bit 63 is the sign
+__all__ = ["MAX_HASH_BITS"]  # re-exported for the kernels' callers
 
 
 def check_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
@@ -70,24 +72,6 @@ def check_masks(q: Tensor, k: Tensor, key_padding_mask: Optional[Tensor], query_
             )
 
 
-def check_int(value, name: str, low: int, high: Optional[int] = None) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        bound = f"in {low}..{high}" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be {bound}, got {value}")
-    return value
-
-
-def check_positive(value, name: str) -> None:
-    if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"{name} must be a positive number or None, got {type(value).__name__}")
-    if not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}")
-
-
 def check_generator(generator: Optional[torch.Generator], device: torch.device) -> None:
     if generator is None:
         return
@@ -97,7 +81,8 @@ def check_generator(generator: Optional[torch.Generator], device: torch.device) 
         raise ValueError(f"generator must be on the device of q ({device}), got {generator.device}")
 
 
-def check_clustering(clusters, hash_bits, iterations) -> None:
-    check_int(clusters, "clusters", 1)
-    check_int(hash_bits, "hash_bits", 1, MAX_HASH_BITS)
-    check_int(iterations, "iterations", 0)
+def check_clustering(clusters, hash_bits, iterations, hash_bias=True) -> None:
+    """The clustering options against their bounds in :data:`.options.OPTIONS`."""
+    for name, value in (("clusters", clusters), ("hash_bits", hash_bits), ("iterations", iterations),
+                        ("hash_bias", hash_bias)):  # fmt: skip
+        check(name, value)

@@ -18,9 +18,10 @@ from torch import Tensor
 
 from . import compiled
 from .backend import implementation
-from .checks import check_clustering, check_generator, check_int, check_masks, check_positive, check_qkv
+from .checks import check_clustering, check_generator, check_masks, check_qkv
 from .hashing import draw_planes, lsh_hash
 from .kmeans import _one_hot, hamming_kmeans
+from .options import check, default
 
 
 class ClusterInfo(NamedTuple):
@@ -29,6 +30,7 @@ class ClusterInfo(NamedTuple):
     assignment: Tensor  # (N, H, L) int64 cluster of each query; -1 for padded queries
     counts: Tensor  # (N, H, C) int64 members per cluster
     topk_mass: Optional[Tensor]  # (N, H, C) m̂: attention mass of each cluster's top-k keys (i-clustered)
+    clusters: int  # the effective number of clusters, min(clusters, L)
 
 
 def _scale(softmax_temp: Optional[float], dim: int) -> float:
@@ -53,14 +55,14 @@ def full_attention(
     k: Tensor,
     v: Tensor,
     *,
-    softmax_temp: Optional[float] = None,
+    softmax_temp: Optional[float] = default("softmax_temp"),
     key_padding_mask: Optional[Tensor] = None,
     query_padding_mask: Optional[Tensor] = None,
 ) -> Tensor:
     """Exact softmax attention: softmax(τ Q Kᵀ + mask) V, (N, H, L, M). Uses PyTorch's SDPA."""
     check_qkv(q, k, v)
     check_masks(q, k, key_padding_mask, query_padding_mask)
-    check_positive(softmax_temp, "softmax_temp")
+    check("softmax_temp", softmax_temp)
     attn_mask = None if key_padding_mask is None else ~key_padding_mask[:, None, None, :]  # True = attend
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=_scale(softmax_temp, q.shape[-1]))
     return _zero_padded_queries(out, query_padding_mask)
@@ -106,11 +108,12 @@ def _broadcast(per_cluster: Tensor, assignment: Tensor) -> Tensor:
     return per_cluster.gather(2, index)
 
 
-def _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator):
+def _validate(q, k, v, clusters, hash_bits, iterations, hash_bias, softmax_temp, key_padding_mask, query_padding_mask,
+              generator):  # fmt: skip
     check_qkv(q, k, v)
     check_masks(q, k, key_padding_mask, query_padding_mask)
-    check_clustering(clusters, hash_bits, iterations)
-    check_positive(softmax_temp, "softmax_temp")
+    check_clustering(clusters, hash_bits, iterations, hash_bias)
+    check("softmax_temp", softmax_temp)
     check_generator(generator, q.device)
 
 
@@ -120,10 +123,10 @@ def clustered_attention(
     v: Tensor,
     *,
     clusters: int,
-    hash_bits: int = 63,
-    iterations: int = 10,
-    hash_bias: bool = True,
-    softmax_temp: Optional[float] = None,
+    hash_bits: int = default("hash_bits"),
+    iterations: int = default("iterations"),
+    hash_bias: bool = default("hash_bias"),
+    softmax_temp: Optional[float] = default("softmax_temp"),
     key_padding_mask: Optional[Tensor] = None,
     query_padding_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -136,14 +139,15 @@ def clustered_attention(
     queries) is computed exactly: ``V^c = softmax(τ Q_c Kᵀ) V``. Returns (N, H, L, M), and the
     :class:`ClusterInfo` too when ``return_clusters``.
     """
-    _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator)
+    _validate(q, k, v, clusters, hash_bits, iterations, hash_bias, softmax_temp, key_padding_mask, query_padding_mask,
+              generator)  # fmt: skip
     assignment, counts, centroids = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
     scores = centroids @ k.transpose(-1, -2) * _scale(softmax_temp, q.shape[-1])  # (N, H, C, S)
     attn = _softmax(scores, key_padding_mask).to(v.dtype)  # (N, H, C, S)
     out = _zero_padded_queries(_broadcast(attn @ v, assignment), query_padding_mask)  # (N, H, L, M)
-    return (out, ClusterInfo(assignment, counts, None)) if return_clusters else out
+    return (out, ClusterInfo(assignment, counts, None, counts.shape[-1])) if return_clusters else out
 
 
 def _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask):
@@ -179,11 +183,11 @@ def improved_clustered_attention(
     v: Tensor,
     *,
     clusters: int,
-    topk: int = 32,
-    hash_bits: int = 63,
-    iterations: int = 10,
-    hash_bias: bool = True,
-    softmax_temp: Optional[float] = None,
+    topk: int = default("topk"),
+    hash_bits: int = default("hash_bits"),
+    iterations: int = default("iterations"),
+    hash_bias: bool = default("hash_bias"),
+    softmax_temp: Optional[float] = default("softmax_temp"),
     key_padding_mask: Optional[Tensor] = None,
     query_padding_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
@@ -197,8 +201,9 @@ def improved_clustered_attention(
     With ``topk >= S`` this is exactly softmax attention. Padded keys never enter a top-k set
     ahead of a real key and never receive weight. Gradients flow through m̂ too.
     """
-    _validate(q, k, v, clusters, hash_bits, iterations, softmax_temp, key_padding_mask, query_padding_mask, generator)
-    check_int(topk, "topk", 1)
+    _validate(q, k, v, clusters, hash_bits, iterations, hash_bias, softmax_temp, key_padding_mask, query_padding_mask,
+              generator)  # fmt: skip
+    check("topk", topk)
     scale = _scale(softmax_temp, q.shape[-1])
     assignment, counts, centroids = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
@@ -211,7 +216,7 @@ def improved_clustered_attention(
         # over tiles of (cluster, queries), which writes m̂·O + rest directly.
         topk_mass, out = sparse.topk_products(q, k, v, centroids, assignment, kk, scale, key_padding_mask)
         out = _zero_padded_queries(out, query_padding_mask)
-        return (out, ClusterInfo(assignment, counts, topk_mass.detach())) if return_clusters else out
+        return (out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])) if return_clusters else out
     if compiled.usable(q):
         # softmax and the top-k selection in one operator; the exact products over each cluster's
         # top-k keys without gathering them per query.
@@ -234,4 +239,4 @@ def improved_clustered_attention(
     out = _zero_padded_queries(out, query_padding_mask)
     if not return_clusters:
         return out
-    return out, ClusterInfo(assignment, counts, topk_mass.detach())
+    return out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])

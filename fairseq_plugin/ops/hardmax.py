@@ -14,7 +14,8 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from .checks import check_masks, check_positive, check_qkv
+from .checks import check_masks, check_qkv
+from .options import check, default
 
 
 class HardmaxInfo(NamedTuple):
@@ -50,10 +51,10 @@ def hardmax_attention(
     k: Tensor,
     v: Tensor,
     *,
-    alpha: Optional[float] = None,
+    alpha: Optional[float] = default("alpha"),
     qk_matrix: Optional[Tensor] = None,
-    temperature: Optional[float] = None,
-    tie_tolerance: float = 0.0,
+    temperature: Optional[float] = default("temperature"),
+    tie_tolerance: float = default("tie_tolerance"),
     key_padding_mask: Optional[Tensor] = None,
     query_padding_mask: Optional[Tensor] = None,
     return_leaders: bool = False,
@@ -66,12 +67,8 @@ def hardmax_attention(
     """
     check_qkv(q, k, v)
     check_masks(q, k, key_padding_mask, query_padding_mask)
-    check_positive(alpha, "alpha")
-    check_positive(temperature, "temperature")
-    if isinstance(tie_tolerance, bool) or not isinstance(tie_tolerance, (int, float)):
-        raise TypeError(f"tie_tolerance must be a number >= 0, got {type(tie_tolerance).__name__}")
-    if tie_tolerance < 0:
-        raise ValueError(f"tie_tolerance must be >= 0, got {tie_tolerance}")
+    for name, value in (("alpha", alpha), ("temperature", temperature), ("tie_tolerance", tie_tolerance)):
+        check(name, value)
     _check_qk_matrix(qk_matrix, q)
     length, s = q.shape[2], k.shape[2]
     if (alpha is not None or return_leaders) and length != s:

@@ -9,13 +9,13 @@ from torch import Tensor
 
 from . import compiled
 from .backend import implementation
-from .checks import MAX_HASH_BITS, check_int
+from .options import check, default
 
 
 def draw_planes(
     hash_bits: int,
     dim: int,
-    hash_bias: bool = True,
+    hash_bias: bool = default("hash_bias"),
     generator: Optional[torch.Generator] = None,
     device: torch.device | str = "cpu",
 ) -> Tensor:
@@ -24,7 +24,7 @@ def draw_planes(
     Column ``dim`` holds the offsets (the hash bias); without bias it is zero, so every plane
     passes through the origin. Drawn from ``generator`` so a seed reproduces the planes exactly.
     """
-    check_int(hash_bits, "hash_bits", 1, MAX_HASH_BITS)
+    check("hash_bits", hash_bits)
     planes = torch.randn(hash_bits, dim + 1, generator=generator, device=device, dtype=torch.float32)
     if not hash_bias:
         planes[:, dim] = 0.0

@@ -15,7 +15,8 @@ from torch import Tensor
 
 from . import compiled
 from .backend import implementation
-from .checks import check_generator, check_int, check_mask, MAX_HASH_BITS
+from .checks import check_clustering, check_generator, check_mask
+from .options import default
 from .hashing import unpack_bits
 
 
@@ -120,7 +121,7 @@ def hamming_kmeans(
     codes: Tensor,
     hash_bits: int,
     clusters: int,
-    iterations: int = 10,
+    iterations: int = default("iterations"),
     padding_mask: Optional[Tensor] = None,
     generator: Optional[torch.Generator] = None,
     return_order: bool = False,
@@ -137,9 +138,7 @@ def hamming_kmeans(
     """
     if codes.dim() != 3 or codes.dtype != torch.int64:
         raise ValueError(f"codes must be an int64 tensor (N, H, L), got {codes.dtype} {tuple(codes.shape)}")
-    check_int(hash_bits, "hash_bits", 1, MAX_HASH_BITS)
-    check_int(clusters, "clusters", 1)
-    check_int(iterations, "iterations", 0)
+    check_clustering(clusters, hash_bits, iterations)
     check_generator(generator, codes.device)
     n, h, length = codes.shape
     check_mask(padding_mask, "query_padding_mask", n, length, codes.device)

@@ -48,9 +48,9 @@ def test_options_parse_to_typed_values():
         ("--topk 0", "argument --topk: must be an integer >= 1 (got 0)"),
         ("--cluster-iterations -1", "argument --cluster-iterations: must be an integer >= 0 (got -1)"),
         ("--hash-bias maybe", "argument --hash-bias: must be true or false (got 'maybe')"),
-        ("--softmax-temp 0", "argument --softmax-temp: must be a number > 0.0 (got '0')"),
-        ("--hardmax-temperature -1", "argument --hardmax-temperature: must be a number > 0.0 (got '-1')"),
-        ("--hardmax-tie-tolerance nan", "argument --hardmax-tie-tolerance: must be a number >= 0.0 (got 'nan')"),
+        ("--softmax-temp 0", "argument --softmax-temp: must be a number > 0 (got 0.0)"),
+        ("--hardmax-temperature -1", "argument --hardmax-temperature: must be a number > 0 (got -1.0)"),
+        ("--hardmax-tie-tolerance nan", "argument --hardmax-tie-tolerance: must be a number >= 0 (got nan)"),
     ],
 )
 def test_bad_values_are_argparse_errors_naming_option_and_range(argv, message):
