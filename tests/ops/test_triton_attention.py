@@ -1,11 +1,13 @@
 """The Triton kernels of improved-clustered attention (ops/triton/topk.py, sparse.py) against the
-PyTorch reference, in Triton's interpreter on CPU tensors.
+PyTorch reference: in Triton's interpreter on CPU tensors, or compiled on CUDA tensors when a GPU
+is there (``FAIRSEQ_PLUGIN_TRITON_TEST_DEVICE=cpu`` forces the interpreter).
 
 The interpreter is chosen when a kernel is decorated (``TRITON_INTERPRET`` read at import), and
 ``backend.implementation`` caches the environment on first use, so the cases run in one child
-process started with ``TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1``: robust whatever
-this pytest process imported before. The child runs every ``case_*`` function of this file and
-reports each one's failure (or None) as JSON; each test below asserts one case.
+process started with ``TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` (or, on a GPU, without
+the interpreter): robust whatever this pytest process imported before. The child runs every
+``case_*`` function of this file and reports each one's failure (or None) as JSON; each test
+below asserts one case.
 
 The interpreter does not check bounds, so the cases assert every index the kernels read through
 (top, order, offsets, the tile table) lies in range. fp16 / bf16 error is measured against an
@@ -33,10 +35,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(HERE)))
 # ---------------------------------------------------------------------------------------------
 
 
-def _gen(seed):
+DEVICE = "cpu"  # the child sets "cuda" when it runs the cases on a GPU
+
+
+def _gen(seed, device="cpu"):
     import torch
 
-    return torch.Generator().manual_seed(seed)
+    return torch.Generator(device).manual_seed(seed)
 
 
 def _inputs(n, h, length, s, e, m, c, *, seed, dtype=None, skew=None, empty=None, padded_queries=0):
@@ -59,7 +64,7 @@ def _inputs(n, h, length, s, e, m, c, *, seed, dtype=None, skew=None, empty=None
         a[..., length - padded_queries:] = -1
     if dtype is not None:
         q, k, v, cen = (t.to(dtype) for t in (q, k, v, cen))
-    return q, k, v, cen, a
+    return tuple(t.to(DEVICE) for t in (q, k, v, cen, a))
 
 
 def _reference(q, k, v, cen, a, kk, scale, kpm):
@@ -95,8 +100,8 @@ def _grads(fn, q, k, v, cen, a, kk, scale, kpm, seed, dtype=None):
     q, k, v, cen = _leaves(q, k, v, cen, dtype=dtype)
     mass, out = fn(q, k, v, cen, a, kk, scale, kpm)
     g = _gen(seed)
-    dout = torch.randn(out.shape, generator=g).to(out.dtype)
-    dmass = torch.randn(mass.shape, generator=g).to(mass.dtype)
+    dout = torch.randn(out.shape, generator=g).to(out.device, out.dtype)
+    dmass = torch.randn(mass.shape, generator=g).to(mass.device, mass.dtype)
     loss = (out * dout).float().sum() + (mass * dmass).float().sum()
     return mass, out, torch.autograd.grad(loss, (q, k, v, cen))
 
@@ -116,6 +121,7 @@ def _check_indices(kk, s, length, a, kpm=None, scores=None):
 
     from fairseq_plugin.ops.triton import sparse, topk
 
+    a = a.cpu()
     c = int(a.max().clamp_min(0)) + 1 if scores is None else scores.shape[2]
     order, offsets = sparse.group_by_cluster(a, c)
     assert order.min() >= 0 and order.max() < length, "order out of [0, L)"
@@ -154,8 +160,8 @@ def case_softmax_topk_matches_reference():
     from fairseq_plugin.ops.triton.topk import softmax_topk
 
     n, h, c, s = 2, 2, 3, 70  # S crosses 3 key chunks of 32
-    scores = torch.randn(n, h, c, s, generator=_gen(1)) * 3
-    kpm = torch.zeros(n, s, dtype=torch.bool)
+    scores = (torch.randn(n, h, c, s, generator=_gen(1)) * 3).to(DEVICE)
+    kpm = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
     kpm[1, 50:] = True
     attn = torch.softmax(scores.masked_fill(kpm[:, None, None], float("-inf")), -1)
     for kk in (1, 5, 20, 60, s):
@@ -179,7 +185,7 @@ def case_softmax_topk_ties_to_lowest_index():
     from fairseq_plugin.ops.triton.topk import softmax_topk
 
     g = _gen(2)
-    scores = torch.randint(0, 4, (1, 2, 4, 45), generator=g).float()  # many exact ties
+    scores = torch.randint(0, 4, (1, 2, 4, 45), generator=g).float().to(DEVICE)  # many exact ties
     kk = 7
     _, top, _, _ = softmax_topk(scores, None, kk)
     for row, got in zip(scores.reshape(-1, 45), top.reshape(-1, kk)):
@@ -192,11 +198,11 @@ def case_softmax_topk_gradient_matches_reference():
 
     from fairseq_plugin.ops.triton.topk import softmax_topk
 
-    scores = torch.randn(1, 2, 3, 40, generator=_gen(3), dtype=torch.float32)
-    kpm = torch.zeros(1, 40, dtype=torch.bool)
+    scores = torch.randn(1, 2, 3, 40, generator=_gen(3), dtype=torch.float32).to(DEVICE)
+    kpm = torch.zeros(1, 40, dtype=torch.bool, device=DEVICE)
     kpm[0, 33:] = True
     g = _gen(4)
-    w_rest, w_top, w_mass = (torch.randn(sh, generator=g) for sh in ((1, 2, 3, 40), (1, 2, 3, 9), (1, 2, 3)))
+    w_rest, w_top, w_mass = (torch.randn(sh, generator=g).to(DEVICE) for sh in ((1, 2, 3, 40), (1, 2, 3, 9), (1, 2, 3)))
     x = scores.clone().requires_grad_()
     rest_w, top, top_w, mass = softmax_topk(x, kpm, 9)
     ((rest_w * w_rest).sum() + (top_w * w_top).sum() + (mass * w_mass).sum()).backward()
@@ -216,7 +222,7 @@ def _products_case(shape, kk, *, seed, skew=None, empty=None, padded_queries=0, 
     q, k, v, cen, a = _inputs(n, h, length, s, e, m, c, seed=seed, skew=skew, empty=empty, padded_queries=padded_queries)
     kpm = None
     if pad_keys:
-        kpm = torch.zeros(n, s, dtype=torch.bool)
+        kpm = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
         kpm[-1, s - pad_keys:] = True
     scale = 1.0 / e**0.5
     scores = (cen * scale) @ k.transpose(-1, -2)
@@ -308,26 +314,26 @@ def case_public_function_dispatches_and_matches_full_attention():
 
     n, h, length, s, e = 2, 2, 30, 26, 16
     g = _gen(30)
-    q, k, v = (torch.randn(n, h, x, e, generator=g) for x in (length, s, s))
+    q, k, v = (torch.randn(n, h, x, e, generator=g).to(DEVICE) for x in (length, s, s))
     assert implementation(q) == "triton"
-    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
     kpm[1, 20:] = True
-    qpm = torch.zeros(n, length, dtype=torch.bool)
+    qpm = torch.zeros(n, length, dtype=torch.bool, device=DEVICE)
     qpm[0, 25:] = True
     # topk >= S: exactly full attention, whatever the clustering (DESIGN.md §2)
     out, info = improved_clustered_attention(
         q, k, v, clusters=4, topk=40, key_padding_mask=kpm, query_padding_mask=qpm,
-        generator=_gen(31), return_clusters=True,
+        generator=_gen(31, DEVICE), return_clusters=True,
     )
     ref = full_attention(q, k, v, key_padding_mask=kpm, query_padding_mask=qpm)
-    _assert_close(out, ref, 2e-5, "topk >= S vs full attention")
+    _assert_close(out, ref, 2e-5 if DEVICE == "cpu" else 1e-4, "topk >= S vs full attention")
     assert info.topk_mass.shape == (n, h, 4)
     assert (out[0, :, 25:] == 0).all()
     # L < C and a single query go through too
-    out = improved_clustered_attention(q[:, :, :3], k, v, clusters=8, topk=5, generator=_gen(32))
+    out = improved_clustered_attention(q[:, :, :3], k, v, clusters=8, topk=5, generator=_gen(32, DEVICE))
     assert out.shape == (n, h, 3, e) and torch.isfinite(out).all()
-    out = improved_clustered_attention(q[:, :, :1], k, v, clusters=3, topk=50, generator=_gen(33))
-    _assert_close(out, full_attention(q[:, :, :1], k, v), 2e-5, "single query")
+    out = improved_clustered_attention(q[:, :, :1], k, v, clusters=3, topk=50, generator=_gen(33, DEVICE))
+    _assert_close(out, full_attention(q[:, :, :1], k, v), 2e-5 if DEVICE == "cpu" else 1e-4, "single query")
 
 
 def case_bad_input_is_a_one_line_error_naming_the_argument():
@@ -343,8 +349,8 @@ def case_bad_input_is_a_one_line_error_naming_the_argument():
         (lambda: sparse.topk_products(q, k[:, :, :, :8], v, cen, a, 2, 1.0), ValueError, "k"),
         (lambda: sparse.topk_products(q, k, v, cen, a.float(), 2, 1.0), TypeError, "assignment"),
         (lambda: sparse.topk_products(q, k, v, cen, a[..., :4], 2, 1.0), ValueError, "assignment"),
-        (lambda: topk.softmax_topk(torch.zeros(1, 1, 2, 8, dtype=torch.float16), None, 2), TypeError, "scores"),
-        (lambda: topk.softmax_topk(torch.zeros(1, 1, 2, 8), torch.zeros(1, 7, dtype=torch.bool), 2), ValueError,
+        (lambda: topk.softmax_topk(torch.zeros(1, 1, 2, 8, dtype=torch.float16, device=DEVICE), None, 2), TypeError, "scores"),
+        (lambda: topk.softmax_topk(torch.zeros(1, 1, 2, 8, device=DEVICE), torch.zeros(1, 7, dtype=torch.bool, device=DEVICE), 2), ValueError,
          "key_padding_mask"),
     ]
     for call, kind, name in bad:
@@ -364,7 +370,7 @@ def case_opcheck():
 
     n, h, length, s, e, m, c = 1, 1, 18, 17, 16, 16, 2
     q, k, v, cen, a = _inputs(n, h, length, s, e, m, c, seed=50)
-    kpm = torch.zeros(n, s, dtype=torch.bool)
+    kpm = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
     kpm[0, 15:] = True
     scores = (cen * 0.25) @ k.transpose(-1, -2)
     torch.library.opcheck(topk.softmax_topk, (scores.requires_grad_(), kpm, 3))
@@ -386,12 +392,14 @@ CASES = sorted(name for name in dict(globals()) if name.startswith("case_"))
 
 
 def _child(names) -> None:
+    global DEVICE
     sys.path.insert(0, ROOT)
     import time
 
     import torch
 
     torch.set_num_threads(1)
+    DEVICE = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE", "cpu")
     results = {}
     for name in names or CASES:
         start = time.perf_counter()
@@ -404,11 +412,25 @@ def _child(names) -> None:
     print("RESULTS " + json.dumps(results))
 
 
+def _device() -> str:
+    """"cuda" (the compiled kernels) when a GPU is there, else "cpu" (the interpreter);
+    FAIRSEQ_PLUGIN_TRITON_TEST_DEVICE=cpu forces the interpreter."""
+    import torch
+
+    wanted = os.environ.get("FAIRSEQ_PLUGIN_TRITON_TEST_DEVICE")
+    return wanted or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @pytest.fixture(scope="module")
 def child_results():
     pytest.importorskip("triton")
-    pytest.importorskip("numpy")  # the interpreter needs it; triton's wheel does not declare it
-    env = dict(os.environ, TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1", OMP_NUM_THREADS="1")
+    device = _device()
+    if device == "cpu":
+        pytest.importorskip("numpy")  # the interpreter needs it; triton's wheel does not declare it
+        env = dict(os.environ, TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1", OMP_NUM_THREADS="1")
+    else:
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    env["FAIRSEQ_PLUGIN_TEST_DEVICE"] = device
     proc = subprocess.run(
         [sys.executable, HERE, "--child"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
     )
@@ -418,7 +440,7 @@ def child_results():
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_triton_kernels_in_the_interpreter(child_results, case):
+def test_triton_kernels(child_results, case):
     failure = child_results[case]
     assert failure is None, failure
 
