@@ -383,6 +383,29 @@ def case_opcheck():
                                                                     "test_faketensor"))
 
 
+def case_torch_compile_traces_the_ops_in_one_graph():
+    import torch
+
+    from fairseq_plugin.ops.triton import sparse
+
+    n, h, length, s, e, m, c = 1, 1, 20, 17, 16, 16, 3
+    q, k, v, cen, a = _inputs(n, h, length, s, e, m, c, seed=60)
+    kpm = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
+    kpm[0, 15:] = True
+
+    def loss(q, k, v, cen):
+        mass, out = sparse.topk_products(q, k, v, cen, a, 4, 0.25, kpm)
+        return out.sum() + mass.sum()
+
+    compiled = torch.compile(loss, backend="aot_eager", fullgraph=True)  # fullgraph: no graph break
+    leaves = _leaves(q, k, v, cen)
+    got = torch.autograd.grad(compiled(*leaves), leaves)
+    leaves = _leaves(q, k, v, cen)
+    ref = torch.autograd.grad(loss(*leaves), leaves)
+    for x, y in zip(got, ref):
+        _assert_close(x, y, 1e-6, "compiled gradient")
+
+
 CASES = sorted(name for name in dict(globals()) if name.startswith("case_"))
 
 
