@@ -29,6 +29,7 @@ fairseq arguments are written with underscores or dashes (``max_tokens`` = ``max
 
 from __future__ import annotations
 
+import functools
 import itertools
 import random
 import re
@@ -373,14 +374,45 @@ def sample(runs: list[Run], num: int, seed: int) -> list[Run]:
     return [run for run in runs if run.arm in chosen]
 
 
+@functools.lru_cache(maxsize=None)
+def value_booleans(arch: str | None) -> frozenset[str]:
+    """The options of ``arch``'s model that take ``true`` / ``false`` as a value (the plugin's
+    ``--hash-bias``, ``--attention-stats``, ``--train-alpha``), found by asking the model's own
+    argparse options; fairseq's store-true flags (``--cpu``) are not among them."""
+    import argparse
+
+    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    registered_archs()
+    model = ARCH_MODEL_REGISTRY.get(arch) if arch else None
+    if model is None or not hasattr(model, "add_args"):
+        return frozenset()
+    parser = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    model.add_args(parser)
+    names = set()
+    for action in parser._actions:
+        if action.nargs is None and action.type is not None and action.option_strings:
+            try:
+                if action.type("true") is True and action.type("false") is False:
+                    names.add(action.dest)
+            except (ValueError, TypeError, argparse.ArgumentTypeError):
+                pass
+    return frozenset(names)
+
+
 def fairseq_argv(sweep: Sweep, run: Run, run_dir: Path, tb_dir: Path, user_dir: Path) -> list[str]:
-    """The fairseq-train command line (without the program name) for one run."""
+    """The fairseq-train command line (without the program name) for one run. A boolean is
+    ``--flag true|false`` for an option that takes a value (:func:`value_booleans`), else
+    fairseq's bare store-true flag (present when true, absent when false)."""
     argv = [str(sweep.data_path), "--task", sweep.task, "--user-dir", str(user_dir)]
+    with_value = value_booleans(run.args.get("arch"))
     for key, value in run.args.items():
         flag = "--" + key.replace("_", "-")
-        if value is None or value is False:
+        if isinstance(value, bool) and key in with_value:
+            argv += [flag, str(value).lower()]
+        elif value is None or value is False:
             continue
-        if value is True:
+        elif value is True:
             argv.append(flag)
         elif isinstance(value, list):
             argv += [flag, *map(str, value)]

@@ -89,6 +89,20 @@ def test_resume_refuses_a_checkpoint_that_would_run_code(tmp_path, corpus):
     assert "io.open" in refusals[0] and "FAIRSEQ_PLUGIN_TRUST_CHECKPOINTS=" in refusals[0], refusals[0]
 
 
+def test_a_false_boolean_in_the_sweep_file_trains_false(tmp_path, corpus):
+    """model: {hash_bias: false} reaches fairseq as --hash-bias false (it once vanished, so the
+    default true trained); read back from the checkpoint's config."""
+    from fairseq_plugin import checkpoints
+
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="bools", grid={"arch": ["clustered_transformer"]},
+                      model={"clusters": 4, "hash_bias": False}, budget={"max_update": 2})  # fmt: skip
+    proc = run_cli(["run", str(path)], timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    state = checkpoints.load(tmp_path / "sweeps" / "bools" / "clustered_s1" / "checkpoints" / "checkpoint_last.pt")
+    model = state["cfg"]["model"]
+    assert model.hash_bias is False and model.attention_stats is True and model.clusters == 4
+
+
 def test_finished_sweep_submits_nothing(tmp_path, corpus):
     path = tiny_sweep(tmp_path / "s.yaml", corpus, name="done", grid={"arch": ["clustered_transformer"]})
     first = run_cli(["run", str(path)], timeout=300)

@@ -87,6 +87,20 @@ def test_dotlist_overrides_and_expansion(tmp_path, corpus):
     assert "unknown key 'modle'" in error_of(path, "modle.clusters=3")
 
 
+def test_booleans_reach_fairseq_as_written(tmp_path, corpus):
+    """The plugin's booleans take a value (false must not vanish); fairseq's flags stay bare."""
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, model={"clusters": 4, "hash_bias": False, "attention_stats": True})
+    sweep = load(path)
+    argv = fairseq_argv(sweep, sweep.runs()[0], tmp_path, tmp_path, tmp_path)
+    assert argv[argv.index("--hash-bias") + 1] == "false" and argv[argv.index("--attention-stats") + 1] == "true"
+    assert "--cpu" in argv and argv[argv.index("--cpu") + 1].startswith("--"), argv  # store-true: no value
+    hardmax = tiny_sweep(tmp_path / "h.yaml", corpus, grid={"arch": ["hardmax_pure_attention"]},
+                         model={"train_alpha": False})  # fmt: skip
+    sweep = load(hardmax)
+    argv = fairseq_argv(sweep, sweep.runs()[0], tmp_path, tmp_path, tmp_path)
+    assert argv[argv.index("--train-alpha") + 1] == "false", argv
+
+
 def test_cli_prints_one_line_error_and_exits_2(tmp_path, corpus, capsys):
     path = tiny_sweep(tmp_path / "s.yaml", corpus, resources__gpu=1)
     assert main(["run", str(path)]) == 2
