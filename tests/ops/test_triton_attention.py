@@ -287,7 +287,7 @@ def _low_precision_case(dtype, seed):
     _, ref_lp, g_lp = _grads(_reference, q, k, v, cen, a, kk, scale, None, seed)
     _, got, g_got = _grads(_triton, q, k, v, cen, a, kk, scale, None, seed)
     assert got.dtype == dtype and all(g.dtype == dtype for g in g_got)
-    floor = 1e-3 if dtype == torch.float16 else 8e-3  # one rounding of an O(1) value
+    floor = 2e-4 if dtype == torch.float16 else 2e-3  # a fraction of one rounding of the largest value
     for name, x, r, f in zip(("out", "dq", "dk", "dv", "dcentroids"), (got, *g_got), (ref_lp, *g_lp), (ref32, *g32)):
         err, ref_err = _max_err(x, f), _max_err(r, f)
         scale_f = max(1.0, f.abs().max().item())
