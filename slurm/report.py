@@ -157,9 +157,43 @@ def _plots(sweep: Sweep, rows: list[dict], metric: str) -> dict[str, Path]:
         plt.close(fig)
         return path
 
-    return {
+    plots = {
         "speed_accuracy": plot(elapsed, "elapsed wall-clock (s, from the first logged step)",
                                f"{sweep.name}: {metric} vs training time", "metric_vs_time.png", True),
         "learning_curves": plot(by_update, "updates", f"{sweep.name}: learning curves (TensorBoard)",
                                 "learning_curves.png", False),
     }  # fmt: skip
+    for key, values in sweep.grid.items():  # e.g. accuracy against sequence length
+        if len(values) > 1 and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            plots[f"metric_vs_{key}"] = _plot_against(sweep, rows, metric, key, plot_dir / f"metric_vs_{key}.png", plt)
+    return plots
+
+
+def _plot_against(sweep: Sweep, rows: list[dict], metric: str, key: str, path: Path, plt) -> Path:
+    """The best metric of the finished runs against a numeric grid key: one line per configuration
+    (the arm without that key), mean over seeds, seeds as dots."""
+    runs = {run.run_id: run for run in sweep.runs()}
+    series: dict[str, dict[float, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for row in rows:
+        run = runs.get(row["run_id"])
+        if run is None or row["state"] != FINISHED or row["best_metric"] is None:
+            continue
+        label = run.arm.replace(f"{key}{run.args[key]}", "").replace("__", "_").strip("_") or run.attention  # run ids: spec.expand
+        series[label][float(run.args[key])].append(float(row["best_metric"]))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for label, points in series.items():
+        xs = sorted(points)
+        line = ax.plot(xs, [statistics.mean(points[x]) for x in xs], marker="o", label=label)[0]
+        for x in xs:
+            ax.scatter([x] * len(points[x]), points[x], color=line.get_color(), s=8, alpha=0.5)
+    if len({v for p in series.values() for v in p}) > 2:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel(key)
+    ax.set_ylabel(f"best {metric}")
+    ax.set_title(f"{sweep.name}: best {metric} vs {key}")
+    if series:
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
