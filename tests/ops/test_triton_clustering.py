@@ -253,6 +253,26 @@ def test_cluster_sum_fp16_does_not_overflow():
 
 
 @kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cluster_sum_non_finite_stays_in_its_cluster(dtype):
+    """0 * NaN = NaN: a one-hot product would spread a NaN to every cluster of its tile."""
+    from fairseq_plugin.ops.triton import aggregate
+
+    g = _gen(13)
+    x = torch.randn(1, 1, 70, 20, generator=g).to(dtype)
+    assignment = torch.randint(0, 5, (1, 1, 70), generator=g)
+    assignment[0, 0, 3] = -1
+    x[0, 0, 3, 0] = float("nan")  # padded: adds nothing
+    x[0, 0, 10, 2] = float("nan")
+    x[0, 0, 11, 4] = float("inf")
+    sums = aggregate.cluster_sum(*_on(x, assignment), 5).cpu()
+    c_nan, c_inf = int(assignment[0, 0, 10]), int(assignment[0, 0, 11])
+    assert torch.isnan(sums).nonzero().tolist() == [[0, 0, c_nan, 2]], _msg()
+    if c_inf != c_nan:
+        assert torch.isinf(sums).nonzero().tolist() == [[0, 0, c_inf, 4]], _msg()
+
+
+@kernels
 def test_clustered_attention_matches_the_reference(monkeypatch):
     """End to end through the dispatcher: hash, k-means, centroids, broadcast, forward and backward."""
     from fairseq_plugin.ops import backend, clustered_attention

@@ -6,7 +6,9 @@
   (BLOCK_C, BLOCK_L) of its queries by their rows (BLOCK_L, BLOCK_E) (a tile product with fp32
   accumulation; the one-hot makes the products exact) and adds the rows of the clusters present
   with fp32 atomics, so a skewed cluster costs nothing extra. The atomics make the summation
-  order, hence the last bits, vary from run to run.
+  order, hence the last bits, vary from run to run. A NaN or inf is left out of the product
+  (0 * NaN would reach every cluster of the tile) and added to its own cluster alone, so it
+  poisons that cluster's sum and no other.
 * ``cluster_broadcast(y (N, H, C, M), assignment) -> (N, H, L, M)``: row ``assignment[l]`` of y for
   every query, zeros for padded queries (assignment -1).
 
@@ -26,7 +28,8 @@ from torch import Tensor
 BLOCK_L = 64
 BLOCK_C = 64
 BLOCK_M = 64
-_BLOCK_E = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 32}  # fp32 IEEE products: 64 spills
+SUM_WARPS = 8  # 4 warps hold the (64, 64) tiles in ~235 registers a thread
+_BLOCK_E = {torch.float16: 64, torch.bfloat16: 64, torch.float32: 16}  # fp32 IEEE products: 32 spills on sm_80
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -47,20 +50,30 @@ def _cluster_sum_kernel(
     nh = tl.program_id(0).to(tl.int64)
     rows = tl.program_id(1) * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
     es = tl.program_id(2) * BLOCK_E + tl.arange(0, BLOCK_E)  # (BLOCK_E,)
+    x_ptr += nh * L * E  # int64 bases, int32 offsets within a head
+    out_ptr += nh * C * E
     in_range = rows < L
-    a = tl.load(assign_ptr + nh * L + rows, mask=in_range, other=-1)
-    x = tl.load(x_ptr + (nh * L + rows)[:, None] * E + es[None, :], mask=in_range[:, None] & (es < E)[None, :], other=0)
+    a = tl.load(assign_ptr + nh * L + rows, mask=in_range, other=-1).to(tl.int32)
+    valid = (a >= 0)[:, None] & (es < E)[None, :]  # (BLOCK_L, BLOCK_E)
+    x = tl.load(x_ptr + rows[:, None] * E + es[None, :], mask=valid, other=0)
+    # 0 * NaN = NaN: in the one-hot product a NaN / inf would reach every cluster of the chunk.
+    # Non-finite values are left out of it and added to their own cluster alone.
+    finite = tl.abs(x.to(tl.float32)) < float("inf")  # False for NaN and +-inf
+    bad = valid & (finite == 0)
+    if tl.sum(bad.to(tl.int32)) > 0:  # rare: only a tile holding a NaN / inf pays
+        tl.atomic_add(out_ptr + a[:, None] * E + es[None, :], x.to(tl.float32), mask=bad, sem="relaxed")
+    safe = tl.where(finite, x, tl.zeros_like(x))
     cols = tl.arange(0, BLOCK_C)
     for c0 in range(0, C, BLOCK_C):
         cs = c0 + cols
         member = a[None, :] == cs[:, None]  # (BLOCK_C, BLOCK_L); padded rows match no cluster
         if DOT_FP32:
-            part = tl.dot(member.to(tl.float32), x.to(tl.float32), input_precision="ieee")
+            part = tl.dot(member.to(tl.float32), safe.to(tl.float32), input_precision="ieee")
         else:
-            part = tl.dot(member.to(x.dtype), x)  # (BLOCK_C, BLOCK_E) fp32
+            part = tl.dot(member.to(x.dtype), safe)  # (BLOCK_C, BLOCK_E) fp32
         present = (tl.sum(member.to(tl.int32), axis=1) > 0) & (cs < C)
-        tl.atomic_add(out_ptr + (nh * C + cs)[:, None] * E + es[None, :], part,
-                      mask=present[:, None] & (es < E)[None, :])
+        tl.atomic_add(out_ptr + cs[:, None] * E + es[None, :], part,
+                      mask=present[:, None] & (es < E)[None, :], sem="relaxed")
 
 
 @triton.jit
@@ -89,6 +102,7 @@ CONFIGS = [
         "kernel": _cluster_sum_kernel,
         "signature": {"x_ptr": _PTR[dt], "assign_ptr": "*i64", "out_ptr": "*fp32", "L": "i32", "C": "i32", "E": "i32"},
         "constexprs": {"BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "BLOCK_E": _BLOCK_E[dt], "DOT_FP32": dt == torch.float32},
+        "num_warps": SUM_WARPS,
         # fp32 is multiplied in IEEE fp32 (exact sums, no tf32): no tensor cores by design.
         "tile_products": dt != torch.float32,
     }
@@ -136,7 +150,7 @@ def cluster_sum(x: Tensor, assignment: Tensor, clusters: int) -> Tensor:
     grid = (n * h, triton.cdiv(length, BLOCK_L), triton.cdiv(e, block_e))
     _cluster_sum_kernel[grid](
         x.contiguous(), assignment.contiguous(), out, length, clusters, e,
-        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, BLOCK_E=block_e, DOT_FP32=dot_fp32,
+        BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, BLOCK_E=block_e, DOT_FP32=dot_fp32, num_warps=SUM_WARPS,
     )
     return out
 

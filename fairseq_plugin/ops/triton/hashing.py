@@ -22,6 +22,7 @@ from torch import Tensor
 
 BLOCK_R = 64  # rows per program
 BLOCK_E = 16  # features per tile product
+WARPS = 8  # 4 warps need ~210 registers a thread for the (64, 64) fp32 products
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _PTR = {torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.float32: "*fp32"}
 
@@ -59,6 +60,7 @@ CONFIGS = [
         "kernel": _lsh_hash_kernel,
         "signature": {"x_ptr": _PTR[dt], "planes_ptr": "*fp32", "codes_ptr": "*i64", "R": "i32", "E": "i32", "B": "i32"},
         "constexprs": {"BLOCK_R": BLOCK_R, "BLOCK_E": BLOCK_E},
+        "num_warps": WARPS,
         # IEEE fp32 products by design (the codes must match the fp32 reference): no tensor cores.
         "tile_products": False,
     }
@@ -84,7 +86,7 @@ def lsh_hash(x: Tensor, planes: Tensor) -> Tensor:
     codes = torch.empty(rows.shape[0], dtype=torch.int64, device=x.device)
     grid = (triton.cdiv(rows.shape[0], BLOCK_R),)
     _lsh_hash_kernel[grid](rows, planes.contiguous(), codes, rows.shape[0], e, planes.shape[0],
-                           BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E)
+                           BLOCK_R=BLOCK_R, BLOCK_E=BLOCK_E, num_warps=WARPS)
     return codes.view(x.shape[:-1])
 
 

@@ -34,6 +34,7 @@ from torch import Tensor
 BLOCK_L = 64  # queries per program
 BLOCK_C = 64  # centroids per chunk
 BITS = 64  # the width of the per-bit counters (codes use at most 63)
+WARPS = 8  # the (64, 64) int64 tiles need ~200 registers a thread with 4 warps
 
 
 @triton.jit
@@ -105,9 +106,9 @@ def _assign_kernel(
             size = tl.sum(member.to(tl.int32), axis=1)  # (BLOCK_C,)
             ones = tl.dot(member.to(tl.float16), bits).to(tl.int32)  # (BLOCK_C, 64), exact
             present = (size > 0) & (cs < C)
-            tl.atomic_add(size_ptr + nh * C + cs, size, mask=present)
+            tl.atomic_add(size_ptr + nh * C + cs, size, mask=present, sem="relaxed")
             ones_at = ones_ptr + (nh * C + cs)[:, None] * 64 + bit[None, :]
-            tl.atomic_add(ones_at, ones, mask=present[:, None] & (ones > 0))
+            tl.atomic_add(ones_at, ones, mask=present[:, None] & (ones > 0), sem="relaxed")
 
 
 @triton.jit
@@ -170,6 +171,7 @@ CONFIGS = [
             "assign_ptr": "*i64", "hist_ptr": "*i32", **_SCALARS,
         },
         "constexprs": {"BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "FINAL": final},
+        "num_warps": WARPS,
         "tile_products": not final,
     }
     for final in (False, True)
@@ -181,6 +183,7 @@ CONFIGS = [
             "code_mask": "i64", "L": "i32", "C": "i32",
         },
         "constexprs": {"BLOCK_C": BLOCK_C},
+        "num_warps": WARPS,
     },
     {
         "kernel": _order_kernel,
@@ -235,9 +238,10 @@ def hamming_kmeans(
     assign_grid, update_grid = (nh, n_blocks), (nh, triton.cdiv(c, BLOCK_C))
     args = (codes, real, cent, ones, size, assignment, hist, code_mask, length, c, h, n_blocks)
     for step in range(reseed.shape[0]):
-        _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=False)
-        _update_kernel[update_grid](codes, cent, ones, size, reseed[step], code_mask, length, c, BLOCK_C=BLOCK_C)
-    _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=True)
+        _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=False, num_warps=WARPS)
+        _update_kernel[update_grid](codes, cent, ones, size, reseed[step], code_mask, length, c, BLOCK_C=BLOCK_C,
+                                    num_warps=WARPS)
+    _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=True, num_warps=WARPS)
 
     # Counting sort: cluster j's slots start at offsets[j]; block b's members of j follow those
     # of the blocks before it.
