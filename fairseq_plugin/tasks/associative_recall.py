@@ -47,19 +47,61 @@ def option_error(message: str) -> None:
 
 @dataclass
 class AssociativeRecallConfig(FairseqDataclass):
-    data: str = field(default=NO_DATA, metadata={"help": "optional and unused: sequences are generated from the seeds"})
-    vocab_size: int = field(default=8192, metadata={"help": "key and value tokens (even): the first half are keys, the second half values"})  # fmt: skip
-    num_pairs: int = field(default=8, metadata={"help": "key-value pairs at the start of each sequence (distinct keys, at most vocab-size / 2)"})  # fmt: skip
-    num_queries: int = field(default=8, metadata={"help": "queries per sequence: a key of the pairs whose value (masked) the model predicts"})  # fmt: skip
-    tokens_per_sample: int = field(default=256, metadata={"help": "sequence length including <s>; filler tokens fill what the pairs and queries leave; at most --max-positions"})  # fmt: skip
-    query_power: float = field(default=0.01, metadata={"help": "query slots are drawn with probability (slot + 1) ** (query-power - 1): small = queries near the pairs, 1 = uniform"})  # fmt: skip
-    filler: ChoiceEnum(FILLERS) = field(default="blank", metadata={"help": f"the other positions: one blank token, or noise drawn from {NOISE_SYMBOLS} distractor tokens"})  # fmt: skip
-    train_size: int = field(default=20000, metadata={"help": "sequences in the train stream (one epoch)"})
-    valid_size: int = field(default=500, metadata={"help": "sequences in the valid stream"})
-    test_size: int = field(default=500, metadata={"help": "sequences in the test stream"})
-    train_seed: int = field(default=1, metadata={"help": "seed of the train stream (independent of --seed, which seeds the model)"})  # fmt: skip
-    valid_seed: int = field(default=2, metadata={"help": "seed of the valid stream"})
-    test_seed: int = field(default=3, metadata={"help": "seed of the test stream"})
+    data: str = field(
+        default=NO_DATA,
+        metadata={"help": "optional and unused: sequences are generated from the seeds"},
+    )
+    vocab_size: int = field(
+        default=8192,
+        metadata={"help": "key and value tokens (even): the first half are keys, the second half values"},
+    )
+    num_pairs: int = field(
+        default=8,
+        metadata={"help": "key-value pairs at the start of each sequence (distinct keys, at most vocab-size / 2)"},
+    )
+    num_queries: int = field(
+        default=8,
+        metadata={"help": "queries per sequence: a key of the pairs whose value (masked) the model predicts"},
+    )
+    tokens_per_sample: int = field(
+        default=256,
+        metadata={"help": "sequence length including <s>; filler tokens fill what the pairs and queries leave; "
+                          "at most --max-positions"},
+    )
+    query_power: float = field(
+        default=0.01,
+        metadata={"help": "query slots are drawn with probability (slot + 1) ** (query-power - 1): "
+                          "small = queries near the pairs, 1 = uniform"},
+    )
+    filler: ChoiceEnum(FILLERS) = field(
+        default="blank",
+        metadata={"help": f"the other positions: one blank token, or noise drawn from {NOISE_SYMBOLS} "
+                          "distractor tokens"},
+    )
+    train_size: int = field(
+        default=20000,
+        metadata={"help": "sequences in the train stream (one epoch)"},
+    )
+    valid_size: int = field(
+        default=500,
+        metadata={"help": "sequences in the valid stream"},
+    )
+    test_size: int = field(
+        default=500,
+        metadata={"help": "sequences in the test stream"},
+    )
+    train_seed: int = field(
+        default=1,
+        metadata={"help": "seed of the train stream (independent of --seed, which seeds the model)"},
+    )
+    valid_seed: int = field(
+        default=2,
+        metadata={"help": "seed of the valid stream"},
+    )
+    test_seed: int = field(
+        default=3,
+        metadata={"help": "seed of the test stream"},
+    )
 
 
 class RecallDataset(FairseqDataset):
@@ -79,8 +121,9 @@ class RecallDataset(FairseqDataset):
         target = torch.full_like(source, self.dictionary.pad())
         target[answers] = source[answers]
         source[answers] = self.mask_idx
-        bos = torch.tensor([self.dictionary.bos()])
-        return {"id": index, "source": torch.cat([bos, source]), "target": torch.cat([target.new_tensor([self.dictionary.pad()]), target])}  # fmt: skip
+        source = torch.cat([source.new_tensor([self.dictionary.bos()]), source])  # (T,)
+        target = torch.cat([target.new_tensor([self.dictionary.pad()]), target])  # (T,)
+        return {"id": index, "source": source, "target": target}
 
     def collater(self, samples: list) -> dict:
         if not samples:

@@ -12,7 +12,8 @@ A sequence of ``length`` tokens (symbol ids of :class:`RecallSpec`, not yet a fa
   distinct values from the second half.
 - Then ``num_queries`` queries, each a key of the pairs followed by its value. The value is what
   the model predicts; the encoder sees a mask there. Every key is asked once before any key is
-  asked twice (distinct keys when ``num_queries <= num_pairs``), and the queries sit at two-token slots drawn without replacement with probability proportional to
+  asked twice (distinct keys when ``num_queries <= num_pairs``), and the queries sit at two-token
+  slots drawn without replacement with probability proportional to
   ``(slot + 1) ** (query_power - 1)``: most queries come soon after the pairs, some far away.
 - Every other position is filler: one ``blank`` symbol, or ``noise`` symbols drawn uniformly
   (a separate set of NOISE_SYMBOLS ids, never a key or a value).
@@ -59,7 +60,9 @@ class RecallSpec:
         if q < 1:
             out.append(f"--num-queries must be >= 1, got {q}")
         if p >= 1 and q >= 1 and n < 2 * (p + q):
-            need = f"{2 * (p + q)} tokens" + (f" plus {reserved} for {reserved_for or 'the caller'}, {2 * (p + q) + reserved} in all" if reserved else "")
+            need = f"{2 * (p + q)} tokens"
+            if reserved:
+                need += f" plus {reserved} for {reserved_for or 'the caller'}, {2 * (p + q) + reserved} in all"
             out.append(f"--tokens-per-sample {n + reserved} is too short: {p} pairs and {q} queries take {need} "
                        "(raise --tokens-per-sample or lower --num-pairs / --num-queries)")
         if not self.query_power > 0:

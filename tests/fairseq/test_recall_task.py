@@ -19,6 +19,8 @@ import pytest
 
 from fairseq_plugin.tasks.mqar import NOISE_SYMBOLS, RecallSpec, chance_accuracy, generate
 
+from .runs import scalars
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 PLUGIN = REPO / "fairseq_plugin"
@@ -98,8 +100,9 @@ def test_bad_specs_name_the_option(spec, words):
 def test_help_lists_the_task_options():
     proc = fairseq("fairseq-train", "--user-dir", PLUGIN, "--task", "associative_recall", "--help")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for option in ("--vocab-size", "--num-pairs", "--num-queries", "--tokens-per-sample", "--query-power", "--filler",
-                   "--train-size", "--valid-size", "--test-size", "--train-seed", "--valid-seed", "--test-seed"):  # fmt: skip
+    options = ["--vocab-size", "--num-pairs", "--num-queries", "--tokens-per-sample", "--query-power", "--filler"]
+    options += [f"--{split}-{what}" for split in ("train", "valid", "test") for what in ("size", "seed")]
+    for option in options:
         assert option in proc.stdout, option
     assert "more than the vocabulary" not in proc.stdout
     assert "distinct keys, at most vocab-size / 2" in " ".join(proc.stdout.split())
@@ -159,6 +162,9 @@ def test_softmax_arm_of_a_reduced_recall_sweep_beats_chance(tmp_path):
         assert result["state"] == "finished" and result["updates"] == UPDATES, result
         assert "associative_recall" in result["command"]
         accuracies.append(result["best_metric"])  # valid_accuracy, percent
+        logged = scalars(sweep_dir / "tb" / f"softmax_tokens_per_sample64_s{seed}" / "valid")
+        assert len(logged["accuracy"]) >= UPDATES // 100  # valid_accuracy in TensorBoard, every 100 updates
+        assert max(logged["accuracy"]) == pytest.approx(accuracies[-1], abs=0.01)
     print(f"softmax valid accuracy after {UPDATES} updates: {accuracies} (chance 3.1 %, copy-a-value 25 %)")
     assert min(accuracies) >= RECALL_MARGIN, accuracies
     report = subprocess.run([sys.executable, "-m", "slurm", "report", str(SWEEP), *overrides], cwd=REPO, env=ENV,
