@@ -35,13 +35,14 @@ import platform
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
+from ..machine import cpu_model
 from . import inputs as inp
 from .minilm import MiniLMError, load_encoder, load_tokenizer, model_dir
 
@@ -217,16 +218,6 @@ def build_inputs(args, tokenizer, corpus: str):
     return tiers
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def git_commit() -> str:
     try:
         root = Path(__file__).resolve().parents[2]
@@ -301,7 +292,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         "settings": settings,
         "command": " ".join([Path(sys.executable).name, "-m", "experiments.approximate_pretrained.run", *(argv or sys.argv[1:])]),
         "wall_time_s": round(wall, 1),
-        "machine": f"{cpu_name()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
+        "machine": f"{cpu_model()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), {platform.python_implementation()} {platform.python_version()}",
         "commit": git_commit(),
         "model": str(folder),

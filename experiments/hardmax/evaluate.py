@@ -15,11 +15,8 @@ to the paper's IMDb numbers) and prints the Markdown.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import json
-import os
-import platform
 import statistics
 import sys
 import time
@@ -27,6 +24,8 @@ from pathlib import Path
 from typing import Dict, List, NamedTuple, Optional
 
 import torch
+
+from ..machine import machine
 
 HEAD = "sentence_classification_head"
 PAPER_IMDB = {2: 79.0, 4: 82.0, 8: 85.0, 16: 88.0}  # hardmax test accuracy, d = 2/4/8/16 (DESIGN.md §2)
@@ -121,17 +120,6 @@ def markdown(rows: List[dict]) -> str:
         lines.append(f"| {r['run_id']} | {r['best_epoch_valid_acc']} | {r['valid_acc']:.2f} | {r['test_acc']:.2f} | "
                      f"{r['alpha']:.3f} | {r['updates']} | {r['wall_time_s']} |")  # fmt: skip
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average": os.getloadavg()}  # fmt: skip
 
 
 def evaluate_run(checkpoint: Path, data: Path) -> dict:

@@ -27,8 +27,6 @@ import contextlib
 import csv
 import json
 import math
-import os
-import platform
 import statistics
 import sys
 import time
@@ -37,6 +35,7 @@ from pathlib import Path
 from slurm import spec as sweep_spec
 from slurm.runs import FINISHED, read_result, run_dir
 
+from ..machine import machine
 from .prepare_pocketsphinx import prepare as prepare_clips
 from .s2t_data import DataError
 
@@ -114,19 +113,6 @@ def markdown(rows: list[dict]) -> str:
             f"{_fmt(r['librivox_cer'], 1)} / {_fmt(r['librivox_wer'], 1)}",
         ]) + " |")  # fmt: skip
     return "\n".join(lines)
-
-
-def machine() -> dict:
-    model = ""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    import torch
-
-    return {"cpu": model, "cores": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
-            "torch": torch.__version__, "load_average": os.getloadavg()}  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
