@@ -36,8 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .s2t_data import (DataError, Progress, is_prepared, normalize, save_features, saved_frames, units, write_config,
-                       write_dictionary, write_manifest, write_stamp)  # fmt: skip
+from .s2t_data import (DataError, extract, finish, is_prepared, normalize, save_features, saved_frames, units,
+                       write_manifest)  # fmt: skip
 
 _MARKUP = re.compile(r"<[^>]*>|\[[^\]]*\]")
 
@@ -145,22 +145,14 @@ def main(argv: list[str] | None = None) -> Path:
             for split, items in listing.items():
                 jobs = [(utt, entry, start, end, str(out / "feats" / name / f"{utt}.npy"), args.sample_rate)
                         for name, utt, entry, start, end, _, _ in items]  # fmt: skip
-                frames: dict[str, int] = {}
-                progress = Progress("kaldi", split, len(jobs))
-                for utt, n in pool.imap_unordered(make, jobs, chunksize=16):
-                    frames[utt] = n
-                    progress.step()
+                frames = extract(pool, make, jobs, "kaldi", split)
                 rows = [{"id": utt, "audio": job[4], "n_frames": frames[utt], "tgt_text": units(text),
                          "speaker": speaker} for (_, utt, _, _, _, speaker, text), job in zip(items, jobs)]  # fmt: skip
                 if split == "train":
                     train_texts += [item[-1] for item in items]
                 counts[split] = write_manifest(out / f"{split}.tsv", rows)
                 print(f"[kaldi] {split}: {len(rows)} utterances", file=sys.stderr)
-        write_dictionary(out / "dict.txt", train_texts)
-        write_config(out)
-        write_stamp(out, settings, counts, started)
-        print(f"[kaldi] wrote {out} in {time.time() - started:.0f} s", file=sys.stderr)
-        return out
+        return finish(out, "kaldi", settings, counts, train_texts, started)
     except DataError as err:
         raise SystemExit(f"prepare_kaldi.py: error: {err}") from None
 

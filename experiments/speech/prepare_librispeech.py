@@ -29,8 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .s2t_data import (DataError, Progress, is_prepared, normalize, save_features, saved_frames, units, write_config,
-                       write_dictionary, write_manifest, write_stamp)  # fmt: skip
+from .s2t_data import (DataError, extract, finish, is_prepared, normalize, save_features, saved_frames, units,
+                       write_manifest)  # fmt: skip
 
 SAMPLE_RATE = 16000
 LAYOUT = "<subset>/<speaker>/<chapter>/<speaker>-<chapter>-<utt>.flac with <speaker>-<chapter>.trans.txt"
@@ -105,11 +105,7 @@ def main(argv: list[str] | None = None) -> Path:
         with multiprocessing.get_context("fork").Pool(args.jobs) as pool:
             for split, items in listing.items():
                 jobs = [(utt, str(audio), str(out / "feats" / subset / f"{utt}.npy")) for subset, utt, audio, _ in items]
-                frames: dict[str, int] = {}
-                progress = Progress("librispeech", split, len(jobs))
-                for utt, n in pool.imap_unordered(make, jobs, chunksize=16):
-                    frames[utt] = n
-                    progress.step()
+                frames = extract(pool, make, jobs, "librispeech", split)
                 rows = []
                 for (subset, utt, _, text), (_, _, target) in zip(items, jobs):
                     if split == "train" and args.max_seconds and frames[utt] > args.max_seconds * 100:
@@ -120,11 +116,7 @@ def main(argv: list[str] | None = None) -> Path:
                         train_texts.append(text)
                 counts[split] = write_manifest(out / f"{split}.tsv", rows)
                 print(f"[librispeech] {split}: {len(rows)} of {len(items)} utterances", file=sys.stderr)
-        write_dictionary(out / "dict.txt", train_texts)
-        write_config(out)
-        write_stamp(out, settings, counts, started)
-        print(f"[librispeech] wrote {out} in {time.time() - started:.0f} s", file=sys.stderr)
-        return out
+        return finish(out, "librispeech", settings, counts, train_texts, started)
     except DataError as err:
         raise SystemExit(f"prepare_librispeech.py: error: {err}") from None
 

@@ -43,8 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from . import grammar
-from .s2t_data import (DataError, Progress, is_prepared, normalize, save_features, saved_frames, units, write_config,
-                       write_dictionary, write_manifest, write_stamp)  # fmt: skip
+from .s2t_data import (DataError, extract, finish, is_prepared, normalize, save_features, saved_frames, units,
+                       write_manifest)  # fmt: skip
 
 ACCENTS = ["en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp", "en-gb-x-gbclan", "en-gb-x-gbcwmd", "en-029", "en-us-nyc"]
 VARIANTS = {  # disjoint voice variants per split (espeak-ng-data/voices/!v): unseen voices in valid and test
@@ -187,12 +187,8 @@ def main(argv: list[str] | None = None) -> Path:
         check_tools()
         started = time.time()
         items = plan(out, args.text, sizes, args.seed, words)
-        frames: dict[str, int] = {}
-        progress = Progress("synthetic", "utterances", len(items))
         with multiprocessing.get_context("fork").Pool(args.jobs) if args.jobs > 1 else _Serial() as pool:
-            for utt, n in pool.imap_unordered(make, items, chunksize=8):
-                frames[utt] = n
-                progress.step()
+            frames = extract(pool, make, items, "synthetic", "utterances", chunksize=8)
         counts = {}
         for split in SPLITS:
             rows = [{"id": it.id, "audio": it.path, "n_frames": frames[it.id], "tgt_text": units(it.text),
@@ -206,11 +202,7 @@ def main(argv: list[str] | None = None) -> Path:
             (out / "text" / f"{split}.txt").write_text(
                 "".join(f"{it.id}\t{it.speaker}\t{it.speed}\t{it.pitch}\t{it.text}\n" for it in items if it.split == split)
             )
-        write_dictionary(out / "dict.txt", [it.text for it in items if it.split == "train"])
-        write_config(out)
-        write_stamp(out, settings, counts, started)
-        print(f"[synthetic] wrote {out} in {time.time() - started:.0f} s", file=sys.stderr)
-        return out
+        return finish(out, "synthetic", settings, counts, [it.text for it in items if it.split == "train"], started)
     except DataError as err:
         raise SystemExit(f"prepare_synthetic.py: error: {err}") from None
 

@@ -165,3 +165,24 @@ class Progress:
             print(f"[{self.tag}] {self.label} {self.done}/{self.total} ({rate:.1f}/s, eta {eta:.0f} s)",
                   file=sys.stderr, flush=True)  # fmt: skip
             self.last = now
+
+
+def extract(pool, make, jobs: list, tag: str, label: str, chunksize: int = 16) -> dict[str, int]:
+    """Run ``make`` (a job -> (utterance id, frames)) over ``jobs`` in ``pool``, with progress lines;
+    returns the frames of every utterance."""
+    frames: dict[str, int] = {}
+    progress = Progress(tag, label, len(jobs))
+    for utt, n in pool.imap_unordered(make, jobs, chunksize=chunksize):
+        frames[utt] = n
+        progress.step()
+    return frames
+
+
+def finish(out: Path, tag: str, settings: dict, counts: dict, train_texts: Iterable[str], started: float) -> Path:
+    """The files beside the manifests: dict.txt from the train transcripts, config.yaml and the
+    stamp that makes a rerun with the same settings a no-op."""
+    write_dictionary(out / "dict.txt", train_texts)
+    write_config(out)
+    write_stamp(out, settings, counts, started)
+    print(f"[{tag}] wrote {out} in {time.time() - started:.0f} s", file=sys.stderr)
+    return out
