@@ -138,3 +138,20 @@ def apply_attention_defaults(args: Any, **arch_overrides: Any) -> None:
     for name, f in fields.items():
         if getattr(args, name, None) is None:
             setattr(args, name, arch_overrides.get(name, f.default))
+
+
+def register_attention_architectures(model: str, base: Callable[[Any], None], suffix: str,
+                                     types: tuple = ATTENTION_TYPES) -> None:  # fmt: skip
+    """Register ``<type>_<suffix>`` for each attention type with fairseq: the architecture sets
+    only its attention type (an explicit ``--attention-type`` still wins), then ``base`` fills
+    the rest (e.g. ``clustered_transformer`` = attention_type clustered + the encoder's base)."""
+    from fairseq.models import register_model_architecture
+
+    for kind in types:
+
+        def architecture(args: Any, kind: str = kind) -> None:
+            apply_attention_defaults(args, attention_type=kind)
+            base(args)
+
+        architecture.__name__ = architecture.__qualname__ = f"{kind}_{suffix}"
+        register_model_architecture(model, architecture.__name__)(architecture)

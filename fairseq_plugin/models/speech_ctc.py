@@ -33,11 +33,11 @@ import torch
 from torch import nn
 
 from fairseq.data.data_utils import lengths_to_padding_mask, post_process
-from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model, register_model_architecture
+from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 
-from ..config import AttentionConfig, add_attention_args, apply_attention_defaults
+from ..config import AttentionConfig, add_attention_args, apply_attention_defaults, register_attention_architectures
 from ..criterions import speech_ctc as _speech_ctc  # noqa: F401  (the criterion this model trains with)
 from ..modules import EfficientEncoderLayer
 
@@ -145,18 +145,4 @@ def base_architecture(args):
     )
 
 
-@register_model_architecture("efficient_ctc", "softmax_ctc")
-def softmax_ctc(args):
-    base_architecture(args)  # softmax is AttentionConfig's default attention_type
-
-
-@register_model_architecture("efficient_ctc", "clustered_ctc")
-def clustered_ctc(args):
-    apply_attention_defaults(args, attention_type="clustered")
-    base_architecture(args)
-
-
-@register_model_architecture("efficient_ctc", "i_clustered_ctc")
-def i_clustered_ctc(args):
-    apply_attention_defaults(args, attention_type="i_clustered")
-    base_architecture(args)
+register_attention_architectures("efficient_ctc", base_architecture, "ctc", ("softmax", "clustered", "i_clustered"))

@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from fairseq import checkpoint_utils
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.speech_to_text.s2t_transformer import (
     S2TTransformerEncoder,
     S2TTransformerModel,
@@ -31,7 +31,7 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 )
 from fairseq.models.transformer import TransformerConfig
 
-from ..config import AttentionConfig, add_attention_args, apply_attention_defaults
+from ..config import AttentionConfig, add_attention_args, apply_attention_defaults, register_attention_architectures
 from ..modules import EfficientEncoderLayer
 
 
@@ -78,18 +78,5 @@ def base_architecture(args):
     s2t_transformer_s(args)
 
 
-@register_model_architecture("efficient_s2t_transformer", "softmax_s2t_transformer")
-def softmax_s2t_transformer(args):
-    base_architecture(args)  # softmax is AttentionConfig's default attention_type
-
-
-@register_model_architecture("efficient_s2t_transformer", "clustered_s2t_transformer")
-def clustered_s2t_transformer(args):
-    apply_attention_defaults(args, attention_type="clustered")
-    base_architecture(args)
-
-
-@register_model_architecture("efficient_s2t_transformer", "i_clustered_s2t_transformer")
-def i_clustered_s2t_transformer(args):
-    apply_attention_defaults(args, attention_type="i_clustered")
-    base_architecture(args)
+register_attention_architectures("efficient_s2t_transformer", base_architecture, "s2t_transformer",
+                                 ("softmax", "clustered", "i_clustered"))  # fmt: skip

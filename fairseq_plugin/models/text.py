@@ -17,13 +17,13 @@ architecture: the architecture only fills what is missing (see fairseq_plugin.co
 
 from __future__ import annotations
 
-from fairseq.models import register_model, register_model_architecture
+from fairseq.models import register_model
 from fairseq.models.roberta import RobertaEncoder, RobertaModel, roberta_base_architecture
 from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_getattr, safe_hasattr
 from omegaconf import OmegaConf
 
-from ..config import add_attention_args, apply_attention_defaults
+from ..config import add_attention_args, apply_attention_defaults, register_attention_architectures
 from ..modules import EfficientTransformerEncoder
 
 
@@ -67,24 +67,4 @@ def base_architecture(args):
     roberta_base_architecture(args)
 
 
-@register_model_architecture("efficient_roberta", "softmax_transformer")
-def softmax_transformer(args):
-    base_architecture(args)  # softmax is AttentionConfig's default attention_type
-
-
-@register_model_architecture("efficient_roberta", "clustered_transformer")
-def clustered_transformer(args):
-    apply_attention_defaults(args, attention_type="clustered")
-    base_architecture(args)
-
-
-@register_model_architecture("efficient_roberta", "i_clustered_transformer")
-def i_clustered_transformer(args):
-    apply_attention_defaults(args, attention_type="i_clustered")
-    base_architecture(args)
-
-
-@register_model_architecture("efficient_roberta", "hardmax_transformer")
-def hardmax_transformer(args):
-    apply_attention_defaults(args, attention_type="hardmax")
-    base_architecture(args)
+register_attention_architectures("efficient_roberta", base_architecture, "transformer")
