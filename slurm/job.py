@@ -87,7 +87,7 @@ def parse_log(path: Path, metric: str = "loss", split: str = "valid", lower_is_b
 
 
 class TrainJob(Checkpointable):
-    """Runs one sweep run. ``spec`` is plain data (see ``slurm.cli.job_spec``)."""
+    """Runs one sweep run. ``spec`` is plain data (see ``slurm.launch.job_spec``)."""
 
     def __init__(self, spec: dict[str, Any]):
         self.spec = spec

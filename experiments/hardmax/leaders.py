@@ -51,7 +51,7 @@ def analyse(model, task, split: Split, confidence: float, batch: int = 256) -> d
     if model.attention_cfg.attention_type != "hardmax":
         raise ValueError("leaders are defined for the hardmax model only")
     pad = task.source_dictionary.pad()
-    probs, states0, states_last, leaders, ignored, tokens = [], [], [], [], [], []
+    probs, states0, states_last, leaders, tokens = [], [], [], [], []
     model.eval()
     with torch.no_grad():
         for start in range(0, len(split.tokens), batch):

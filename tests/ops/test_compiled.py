@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fairseq_plugin.ops import clustered_attention, compiled, improved_clustered_attention, lsh_hash
+from fairseq_plugin.ops import clustered_attention, compiled, improved_clustered_attention
 from fairseq_plugin.ops.clustered import _topk_products_reference
 from fairseq_plugin.ops.hashing import draw_planes, hash_bits_of, pack_bits
 from fairseq_plugin.ops.kmeans import _one_hot, draw_kmeans_seeds, kmeans_from_seeds
