@@ -121,7 +121,8 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
     }
     try:
         options = {"num_warps": row["num_warps"], "num_stages": row["num_stages"]}
-        kernel = triton.compile(ASTSource(fn, signature, constexprs), target=GPUTarget("cuda", arch, 32), options=options)
+        source = ASTSource(fn, signature, constexprs)
+        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # a compile error is a result, not a crash of the check
         row["status"] = "compile error: " + " ".join(str(err).split())[:300]
         return row

@@ -231,8 +231,8 @@ def test_cluster_sum_and_broadcast(dtype, shape):
     grad = torch.randn(n, h, c, e, generator=g)
     sums.backward(grad)
     assert x.grad.dtype == dtype, msg
-    torch.testing.assert_close(x.grad.cpu().double(), _reference_broadcast(grad.double(), assignment).to(dtype).double(),
-                               rtol=0, atol=0, msg=msg)
+    want = _reference_broadcast(grad.double(), assignment).to(dtype).double()
+    torch.testing.assert_close(x.grad.cpu().double(), want, rtol=0, atol=0, msg=msg)
 
     y = _on(torch.randn(n, h, c, e, generator=g).to(dtype)).requires_grad_()
     out = aggregate.cluster_broadcast(y, _on(assignment)).cpu()

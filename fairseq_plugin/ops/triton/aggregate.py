@@ -101,7 +101,9 @@ CONFIGS = [
     {
         "kernel": _cluster_sum_kernel,
         "signature": {"x_ptr": _PTR[dt], "assign_ptr": "*i64", "out_ptr": "*fp32", "L": "i32", "C": "i32", "E": "i32"},
-        "constexprs": {"BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "BLOCK_E": _BLOCK_E[dt], "DOT_FP32": dt == torch.float32},
+        "constexprs": {
+            "BLOCK_L": BLOCK_L, "BLOCK_C": BLOCK_C, "BLOCK_E": _BLOCK_E[dt], "DOT_FP32": dt == torch.float32,
+        },
         "num_warps": SUM_WARPS,
         # fp32 is multiplied in IEEE fp32 (exact sums, no tf32): no tensor cores by design.
         "tile_products": dt != torch.float32,

@@ -58,7 +58,9 @@ def _lsh_hash_kernel(
 CONFIGS = [
     {
         "kernel": _lsh_hash_kernel,
-        "signature": {"x_ptr": _PTR[dt], "planes_ptr": "*fp32", "codes_ptr": "*i64", "R": "i32", "E": "i32", "B": "i32"},
+        "signature": {
+            "x_ptr": _PTR[dt], "planes_ptr": "*fp32", "codes_ptr": "*i64", "R": "i32", "E": "i32", "B": "i32",
+        },
         "constexprs": {"BLOCK_R": BLOCK_R, "BLOCK_E": BLOCK_E},
         "num_warps": WARPS,
         # IEEE fp32 products by design (the codes must match the fp32 reference): no tensor cores.

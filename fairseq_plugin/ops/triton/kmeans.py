@@ -187,7 +187,9 @@ CONFIGS = [
     },
     {
         "kernel": _order_kernel,
-        "signature": {"assign_ptr": "*i64", "base_ptr": "*i32", "order_ptr": "*i32", "L": "i32", "C": "i32", "n_blocks": "i32"},
+        "signature": {
+            "assign_ptr": "*i64", "base_ptr": "*i32", "order_ptr": "*i32", "L": "i32", "C": "i32", "n_blocks": "i32",
+        },
         "constexprs": {"BLOCK_L": BLOCK_L},
     },
 ]
@@ -200,9 +202,13 @@ def _check(codes: Tensor, init: Tensor, reseed: Tensor, padding_mask: Optional[T
     if init.dtype != torch.int64 or init.dim() != 3 or init.shape[:2] != codes.shape[:2] or init.shape[2] < 1:
         raise ValueError(f"init must be an int64 tensor (N={n}, H={h}, C>=1), got {init.dtype} {tuple(init.shape)}")
     if reseed.dtype != torch.int64 or reseed.dim() != 4 or reseed.shape[1:] != init.shape:
-        raise ValueError(f"reseed must be an int64 tensor (I, {n}, {h}, {init.shape[2]}), got {reseed.dtype} {tuple(reseed.shape)}")
+        raise ValueError(
+            f"reseed must be an int64 tensor (I, {n}, {h}, {init.shape[2]}), got {reseed.dtype} {tuple(reseed.shape)}"
+        )
     if padding_mask is not None and (padding_mask.dtype != torch.bool or tuple(padding_mask.shape) != (n, length)):
-        raise ValueError(f"padding_mask must be a bool tensor ({n}, {length}), got {padding_mask.dtype} {tuple(padding_mask.shape)}")
+        raise ValueError(
+            f"padding_mask must be a bool tensor ({n}, {length}), got {padding_mask.dtype} {tuple(padding_mask.shape)}"
+        )
     for name, t in (("init", init), ("reseed", reseed), ("padding_mask", padding_mask)):
         if t is not None and t.device != codes.device:
             raise ValueError(f"{name} must be on {codes.device} like codes, got {t.device}")
