@@ -19,6 +19,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -44,6 +45,49 @@ def test_interpreted():
         env=env, capture_output=True, text=True, timeout=600,
     )
     assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+# the backend switch (runs in this process) ------------------------------------------------
+
+
+class _FakeCuda:
+    """Just enough of a CUDA tensor for backend.implementation (this machine may have no GPU)."""
+
+    device = torch.device("cuda")
+    dtype = torch.bfloat16
+    is_floating_point = staticmethod(lambda: True)
+    is_complex = staticmethod(lambda: False)
+
+
+@pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="checks the switch outside the interpreter")
+def test_backend_old_triton_warns_once_and_runs_the_reference(monkeypatch):
+    from fairseq_plugin.ops import backend
+
+    monkeypatch.setattr(backend, "_triton_version", ("3.5.1", False))
+    monkeypatch.setattr(backend, "_warned", False)
+    with pytest.warns(RuntimeWarning, match=r"triton >= 3\.6, found triton 3\.5\.1"):
+        assert backend.implementation(_FakeCuda()) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backend.implementation(_FakeCuda()) == "reference"  # once
+    monkeypatch.setattr(backend, "_triton_version", ("3.6.0", True))
+    assert backend.implementation(_FakeCuda()) == "triton"
+
+
+@pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="checks the switch outside the interpreter")
+def test_backend_imports_no_triton_for_cpu_tensors():
+    code = (
+        "import sys, torch\n"
+        "from fairseq_plugin.ops import clustered_attention, implementation\n"
+        "q = torch.randn(1, 1, 20, 8)\n"
+        "assert implementation(q) in ('cpu', 'reference'), implementation(q)\n"
+        "clustered_attention(q, q, q, clusters=3)\n"
+        "assert 'triton' not in sys.modules, 'triton was imported'\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "FAIRSEQ_PLUGIN_TRITON_ON_CPU")}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    run = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def _gen(salt: int) -> torch.Generator:
