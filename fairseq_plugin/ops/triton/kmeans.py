@@ -51,14 +51,13 @@ def _popcount(x):
 
 @triton.jit
 def _assign_kernel(
-    codes_ptr,  # (NH, L) int64
+    codes_ptr,  # (NH, L) int64, bits >= hash_bits cleared
     real_ptr,  # (N, L) int8, 1 = a real query
     cent_ptr,  # (NH, C) int64 centroid codes
     ones_ptr,  # (NH, C, 64) int32 per-bit member counts, accumulated (not FINAL)
     size_ptr,  # (NH, C) int32 members per cluster, accumulated (not FINAL)
     assign_ptr,  # (NH, L) int64, written (FINAL)
     hist_ptr,  # (NH, n_blocks, C + 1) int32 members per (block, cluster), written (FINAL)
-    code_mask,  # int64: the low hash_bits bits
     L,
     C,
     H,
@@ -71,7 +70,7 @@ def _assign_kernel(
     blk = tl.program_id(1)
     rows = blk * BLOCK_L + tl.arange(0, BLOCK_L)  # (BLOCK_L,)
     in_range = rows < L
-    codes = tl.load(codes_ptr + nh * L + rows, mask=in_range, other=0) & code_mask  # (BLOCK_L,)
+    codes = tl.load(codes_ptr + nh * L + rows, mask=in_range, other=0)  # (BLOCK_L,)
     real = tl.load(real_ptr + (nh // H) * L + rows, mask=in_range, other=0) != 0
     cols = tl.arange(0, BLOCK_C)
 
@@ -113,12 +112,11 @@ def _assign_kernel(
 
 @triton.jit
 def _update_kernel(
-    codes_ptr,  # (NH, L) int64
+    codes_ptr,  # (NH, L) int64, bits >= hash_bits cleared
     cent_ptr,  # (NH, C) int64, overwritten
     ones_ptr,  # (NH, C, 64) int32, read then zeroed
     size_ptr,  # (NH, C) int32, read then zeroed
     reseed_ptr,  # (NH, C) int64 query positions for empty clusters (this iteration's)
-    code_mask,
     L,
     C,
     BLOCK_C: tl.constexpr,
@@ -133,7 +131,7 @@ def _update_kernel(
     vote = (2 * ones > size[:, None]).to(tl.int64)  # majority; a tie votes 0
     packed = tl.sum(vote << bit[None, :].to(tl.int64), axis=1)  # distinct bits: sum = or
     seed = tl.load(reseed_ptr + nh * C + cs, mask=valid, other=0)
-    seed_code = tl.load(codes_ptr + nh * L + seed, mask=valid, other=0) & code_mask
+    seed_code = tl.load(codes_ptr + nh * L + seed, mask=valid, other=0)
     tl.store(cent_ptr + nh * C + cs, tl.where(size == 0, seed_code, packed), mask=valid)
     tl.store(ones_at, tl.zeros([BLOCK_C, 64], tl.int32), mask=valid[:, None])
     tl.store(size_ptr + nh * C + cs, tl.zeros([BLOCK_C], tl.int32), mask=valid)
@@ -162,7 +160,7 @@ def _order_kernel(
     tl.store(order_ptr + nh * L + slot, rows.to(tl.int32), mask=in_range)
 
 
-_SCALARS = {"code_mask": "i64", "L": "i32", "C": "i32", "H": "i32", "n_blocks": "i32"}
+_SCALARS = {"L": "i32", "C": "i32", "H": "i32", "n_blocks": "i32"}
 CONFIGS = [
     {
         "kernel": _assign_kernel,
@@ -180,7 +178,7 @@ CONFIGS = [
         "kernel": _update_kernel,
         "signature": {
             "codes_ptr": "*i64", "cent_ptr": "*i64", "ones_ptr": "*i32", "size_ptr": "*i32", "reseed_ptr": "*i64",
-            "code_mask": "i64", "L": "i32", "C": "i32",
+            "L": "i32", "C": "i32",
         },
         "constexprs": {"BLOCK_C": BLOCK_C},
         "num_warps": WARPS,
@@ -229,9 +227,8 @@ def hamming_kmeans(
     n, h, length = codes.shape
     c, nh = init.shape[2], n * h
     n_blocks = triton.cdiv(length, BLOCK_L)
-    code_mask = (1 << hash_bits) - 1
-    codes = codes.contiguous()
-    cent = (codes & code_mask).gather(2, init).contiguous()  # (N, H, C)
+    codes = (codes & ((1 << hash_bits) - 1)).contiguous()  # the reference ignores the higher bits too
+    cent = codes.gather(2, init).contiguous()  # (N, H, C)
     if padding_mask is None:
         real = torch.ones(n, length, dtype=torch.int8, device=codes.device)
     else:
@@ -242,11 +239,10 @@ def hamming_kmeans(
     hist = torch.empty(nh, n_blocks, c + 1, dtype=torch.int32, device=codes.device)
     reseed = reseed.contiguous()
     assign_grid, update_grid = (nh, n_blocks), (nh, triton.cdiv(c, BLOCK_C))
-    args = (codes, real, cent, ones, size, assignment, hist, code_mask, length, c, h, n_blocks)
+    args = (codes, real, cent, ones, size, assignment, hist, length, c, h, n_blocks)
     for step in range(reseed.shape[0]):
         _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=False, num_warps=WARPS)
-        _update_kernel[update_grid](codes, cent, ones, size, reseed[step], code_mask, length, c, BLOCK_C=BLOCK_C,
-                                    num_warps=WARPS)
+        _update_kernel[update_grid](codes, cent, ones, size, reseed[step], length, c, BLOCK_C=BLOCK_C, num_warps=WARPS)
     _assign_kernel[assign_grid](*args, BLOCK_L=BLOCK_L, BLOCK_C=BLOCK_C, FINAL=True, num_warps=WARPS)
 
     # Counting sort: cluster j's slots start at offsets[j]; block b's members of j follow those
