@@ -128,7 +128,7 @@ def _blocks(kk: int, interpreted: bool) -> Tuple[int, int]:
     small shapes go through several chunk merges."""
     if interpreted:
         block_k = max(16, triton.next_power_of_2(kk))
-        return max(32, block_k), block_k
+        return max(64, block_k), block_k
     block_k = next(b for b in _GPU_BLOCK_K if b >= kk)
     return max(256, block_k), block_k
 
