@@ -128,6 +128,16 @@ def add_attention_args(parser: Any) -> None:
         )
 
 
+def add_checkpointing_args(parser: Any) -> None:
+    """fairseq's activation checkpointing for the encoders built here (fairseq's RoBERTa and
+    s2t models do not expose it); store-true flags, absent unless given."""
+    parser.add_argument("--checkpoint-activations", action="store_true",
+                        help="recompute each encoder layer's activations in the backward instead of storing them "
+                             "(less memory, one more forward); works with every attention type")  # fmt: skip
+    parser.add_argument("--offload-activations", action="store_true",
+                        help="checkpoint activations and keep them on the CPU (implies --checkpoint-activations)")
+
+
 def apply_attention_defaults(args: Any, **arch_overrides: Any) -> None:
     """Fill the attention options that ``args`` lacks (missing or None): the architecture's
     override when it gives one, else the dataclass default. Values already present win."""

@@ -37,9 +37,10 @@ from fairseq.models import FairseqEncoder, FairseqEncoderModel, register_model
 from fairseq.models.transformer import TransformerConfig
 from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 
-from ..config import AttentionConfig, add_attention_args, apply_attention_defaults, register_attention_architectures
+from ..config import (AttentionConfig, add_attention_args, add_checkpointing_args, apply_attention_defaults,
+                      register_attention_architectures)  # fmt: skip
 from ..criterions import speech_ctc as _speech_ctc  # noqa: F401  (the criterion this model trains with)
-from ..modules import EfficientEncoderLayer
+from ..modules.encoder import build_layer
 
 CTC_BLANK = 0  # fairseq's ctc criterion: index 0 unless the task defines blank_symbol
 
@@ -56,7 +57,7 @@ class EfficientCTCEncoder(FairseqEncoder):
         # padding_idx=1 with a padding mask as input: padded frames (mask 1) get no position
         self.embed_positions = PositionalEmbedding(cfg.max_source_positions, dim, padding_idx=1)
         self.dropout_module = FairseqDropout(cfg.dropout, module_name=self.__class__.__name__)
-        self.layers = nn.ModuleList([EfficientEncoderLayer(cfg, attention_cfg) for _ in range(cfg.encoder.layers)])
+        self.layers = nn.ModuleList([build_layer(cfg, attention_cfg) for _ in range(cfg.encoder.layers)])
         self.layer_norm = LayerNorm(dim) if cfg.encoder.normalize_before else None
         self.output_proj = nn.Linear(dim, len(dictionary))
 
@@ -95,6 +96,7 @@ class EfficientCTCModel(FairseqEncoderModel):
         parser.add_argument("--dropout", type=float, metavar="D", help="dropout probability")
         parser.add_argument("--activation-dropout", type=float, metavar="D", help="dropout after the FFN activation")
         parser.add_argument("--activation-fn", type=str, metavar="NAME", help="FFN activation (relu, gelu, ...)")
+        add_checkpointing_args(parser)
         add_attention_args(parser)
 
     @classmethod

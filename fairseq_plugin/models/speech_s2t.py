@@ -31,8 +31,9 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 )
 from fairseq.models.transformer import TransformerConfig
 
-from ..config import AttentionConfig, add_attention_args, apply_attention_defaults, register_attention_architectures
-from ..modules import EfficientEncoderLayer
+from ..config import (AttentionConfig, add_attention_args, add_checkpointing_args, apply_attention_defaults,
+                      register_attention_architectures)  # fmt: skip
+from ..modules.encoder import build_layer
 
 
 class EfficientS2TTransformerEncoder(S2TTransformerEncoder):
@@ -44,9 +45,7 @@ class EfficientS2TTransformerEncoder(S2TTransformerEncoder):
         # them, same names and count, so state dicts stay interchangeable with s2t_transformer.
         layer_cfg = TransformerConfig.from_namespace(args)
         attention_cfg = AttentionConfig.from_args(args)
-        self.transformer_layers = nn.ModuleList(
-            [EfficientEncoderLayer(layer_cfg, attention_cfg) for _ in range(args.encoder_layers)]
-        )
+        self.transformer_layers = nn.ModuleList([build_layer(layer_cfg, attention_cfg) for _ in range(args.encoder_layers)])
 
 
 @register_model("efficient_s2t_transformer")
@@ -56,6 +55,7 @@ class EfficientS2TTransformerModel(S2TTransformerModel):
     @staticmethod
     def add_args(parser):
         S2TTransformerModel.add_args(parser)
+        add_checkpointing_args(parser)
         add_attention_args(parser)
 
     @classmethod

@@ -23,7 +23,7 @@ from fairseq.modules.transformer_sentence_encoder import init_bert_params
 from fairseq.utils import safe_getattr, safe_hasattr
 from omegaconf import OmegaConf
 
-from ..config import add_attention_args, apply_attention_defaults, register_attention_architectures
+from ..config import add_attention_args, add_checkpointing_args, apply_attention_defaults, register_attention_architectures
 from ..modules import EfficientTransformerEncoder
 
 
@@ -41,6 +41,7 @@ class EfficientRobertaModel(RobertaModel):
     @staticmethod
     def add_args(parser):
         RobertaModel.add_args(parser)
+        add_checkpointing_args(parser)
         add_attention_args(parser)
 
     @classmethod

@@ -10,6 +10,18 @@ from ..config import AttentionConfig
 from .encoder_layer import EfficientEncoderLayer
 
 
+def build_layer(cfg: TransformerConfig, attention_cfg: AttentionConfig, return_fc: bool = False):
+    """An :class:`EfficientEncoderLayer`, wrapped as fairseq's TransformerEncoderBase wraps its
+    layers: activation checkpointing with ``--checkpoint-activations`` (recomputed in the
+    backward; the clustered layers take only tensors, so this works for every attention type),
+    then FSDP (a checkpointed layer is always wrapped, whatever its size)."""
+    layer = EfficientEncoderLayer(cfg, attention_cfg, return_fc=return_fc)
+    checkpoint = cfg.checkpoint_activations or cfg.offload_activations
+    if checkpoint:
+        layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
+    return fsdp_wrap(layer, min_num_params=cfg.min_params_to_wrap if not checkpoint else 0)
+
+
 class EfficientTransformerEncoder(TransformerEncoder):
     """Takes the legacy ``args`` namespace like :class:`TransformerEncoder`. The attention options
     are read from ``args`` here, because ``TransformerConfig.from_namespace`` drops unknown keys."""
@@ -21,11 +33,4 @@ class EfficientTransformerEncoder(TransformerEncoder):
     def build_encoder_layer(self, cfg):
         if not isinstance(cfg, TransformerConfig):
             cfg = TransformerConfig.from_namespace(cfg)
-        layer = EfficientEncoderLayer(cfg, self.attention_cfg, return_fc=self.return_fc)
-        # The wrapping sequence of TransformerEncoderBase.build_encoder_layer:
-        checkpoint = cfg.checkpoint_activations
-        if checkpoint:
-            layer = checkpoint_wrapper(layer, offload_to_cpu=cfg.offload_activations)
-        # a checkpointed layer is always wrapped by FSDP, whatever its size
-        min_params_to_wrap = cfg.min_params_to_wrap if not checkpoint else 0
-        return fsdp_wrap(layer, min_num_params=min_params_to_wrap)
+        return build_layer(cfg, self.attention_cfg, return_fc=self.return_fc)

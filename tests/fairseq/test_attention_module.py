@@ -129,3 +129,30 @@ def test_attention_dropout_is_ignored_with_a_warning(caplog):
         module = EfficientSelfAttention(C, H, AttentionConfig(), dropout=0.1)
     assert module.dropout_module.p == 0.0
     assert "attention_dropout=0.1 is ignored" in caplog.text
+
+
+def test_checkpointed_clustered_layer_recomputes_the_same_gradients():
+    """build_layer with --checkpoint-activations: the i-clustered layer is wrapped, and the
+    recomputation in the backward (the forward's RNG state restored) gives the same gradients."""
+    from fairseq.models.transformer import TransformerConfig
+
+    from fairseq_plugin.modules.encoder import build_layer
+
+    attention = AttentionConfig(attention_type="i_clustered", clusters=3, topk=4)
+    layers = {}
+    for flag in (False, True):
+        cfg = TransformerConfig()
+        cfg.encoder.embed_dim, cfg.encoder.ffn_embed_dim, cfg.encoder.attention_heads = C, 2 * C, H
+        cfg.checkpoint_activations = flag
+        torch.manual_seed(0)
+        layers[flag] = build_layer(cfg, attention)
+    assert hasattr(layers[True], "precheckpoint_forward") and not hasattr(layers[False], "precheckpoint_forward")
+    x, padding = inputs()
+    grads = {}
+    for flag, layer in layers.items():
+        xx = x.clone().requires_grad_(True)
+        torch.manual_seed(1)  # the hash planes come from the global RNG
+        layer(xx, padding).square().sum().backward()
+        grads[flag] = (xx.grad, layer.self_attn.q_proj.weight.grad)
+    for a, b in zip(grads[False], grads[True]):
+        torch.testing.assert_close(a, b)

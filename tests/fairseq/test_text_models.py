@@ -132,6 +132,19 @@ def test_masked_lm_trains_and_logs_to_tensorboard(mlm_run, arch):
         assert "attn_cluster_size_cv" in inner
 
 
+def test_checkpoint_activations_recompute_the_same_clustering(mlm_run, mlm_data, tmp_path):
+    """--checkpoint-activations with i-clustered layers: the backward recomputes each layer with
+    the forward's random state, so training is the same update for update."""
+    plain = mlm_run("i_clustered_transformer")
+    run = train(
+        mlm_data, tmp_path / "ckpt", "--task", "masked_lm", "--criterion", "masked_lm", "--arch", "i_clustered_transformer",
+        *TINY, *ATTENTION, "--tokens-per-sample", "128", "--max-update", "4", "--checkpoint-activations",
+    )  # fmt: skip
+    losses = [r["loss"] for r in run.records("train_inner")]
+    assert len(losses) == 4 and losses == [r["loss"] for r in plain.records("train_inner")], losses
+    assert "checkpoint_activations=True" in run.output
+
+
 @pytest.fixture(scope="module")
 def sp_data(tmp_path_factory) -> Path:
     return sentence_prediction_data(tmp_path_factory.mktemp("sp"))
