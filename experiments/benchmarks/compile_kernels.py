@@ -15,8 +15,8 @@ configurations are the module-level ``CONFIGS`` lists of the files under fairseq
 Arguments are compiled without the divisibility-by-16 hints the JIT adds for aligned pointers and
 sizes: the variant that runs on unaligned views (the aligned ones vectorise, and for the
 clustering kernels used no more registers). It fails (exit 1, one line per failure) on a compile
-error, a spill, shared memory over the arch's
-per-block limit, or an sm_90 tile product without wgmma. The table also goes to a CSV.
+error, a spill, shared memory over the arch's per-block limit, or an sm_90 tile product without
+wgmma. The table also goes to a CSV.
 
     python experiments/benchmarks/compile_kernels.py --arch sm_80,sm_90
     python experiments/benchmarks/compile_kernels.py --arch sm_90 --only kmeans,aggregate --jobs 2
