@@ -18,7 +18,8 @@ backward, in torch: O(C·S) elementwise).
 The kernel: one program per row. Pass 1 reads the row in chunks of BLOCK_S for its max and sum
 (per-lane online softmax); pass 2 computes the weights, writes them and merges each chunk's best
 BLOCK_K keys into a running top-k list (a bitonic ``tl.sort`` on int64 keys that pack the weight's
-bits above the key index, so one sort orders by weight then index); pass 3 zeroes the top-k
+bits above the key index, so one sort orders by weight then index; a chunk whose best key does not
+beat the list's last is skipped, as most are once the list has filled); pass 3 zeroes the top-k
 entries of the written row.
 """
 
@@ -98,9 +99,10 @@ def _softmax_topk_kernel(
         bits = tl.where(w > 0, w.to(tl.int32, bitcast=True), 0)  # monotonic in w for w >= 0; NaN -> 0
         high = tl.where(inside, tl.where(padded, _PADDED, bits), _OUTSIDE)
         key = high.to(tl.int64) * (1 << 32) + (idx * -1 + _IDX_BASE).to(tl.int64)
-        chunk = _head(tl.sort(key, descending=True), BLOCK_S, BLOCK_K)
-        merged = tl.reshape(tl.join(best, chunk), (2 * BLOCK_K,))
-        best = _head(tl.sort(merged, descending=True), 2 * BLOCK_K, BLOCK_K)
+        if tl.max(key, axis=0) > tl.min(best, axis=0):  # keys are distinct: else none can enter
+            chunk = _head(tl.sort(key, descending=True), BLOCK_S, BLOCK_K)
+            merged = tl.reshape(tl.join(best, chunk), (2 * BLOCK_K,))
+            best = _head(tl.sort(merged, descending=True), 2 * BLOCK_K, BLOCK_K)
 
     # Decode: index from the low 32 bits, clamped into [0, S) whatever the scores held.
     low = best - ((best >> 32) << 32)
@@ -134,7 +136,7 @@ def _blocks(kk: int, interpreted: bool) -> Tuple[int, int]:
 
 
 def _num_warps(block_s: int) -> int:
-    return 4
+    return 8 if block_s >= 512 else 4  # 4 warps spill a few bytes at 512
 
 
 def _signature() -> dict:
