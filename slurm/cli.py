@@ -19,11 +19,11 @@ from pathlib import Path
 
 from . import report as report_mod
 from .cancel import cancel, is_alive, local_controller_alive, slurm_states
-from .job import REPO, fairseq_train_path
+from .job import fairseq_train_path
 from .launch import (Interrupted, Launch, SubmissionError, _call, describe, interrupt_on_sigterm, job_spec, log,
                      resource_groups)  # fmt: skip
 from .runs import FAILED, FINISHED, LockedError, read_jobs, read_result, sweep_lock, write_json
-from .spec import SpecError, Sweep, data_ready, expand, load
+from .spec import REPO, SpecError, Sweep, data_ready, expand, load, placeholders, sweep_dir
 
 __all__ = ["main", "_call"]  # _call: jobs pickled by earlier versions name slurm.cli._call
 
@@ -32,9 +32,12 @@ def prepare_data(sweep: Sweep) -> None:
     """Run ``data.prepare`` when ``data.path`` holds no dictionary, showing its output as it goes."""
     if sweep.data_path is None or data_ready(sweep.data_path):
         return
-    command = sweep.data_prepare.replace("{python}", shlex.quote(sys.executable))
-    log(f"preparing data (data.prepare): {command}")
-    proc = subprocess.Popen(command, shell=True, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command = placeholders(sweep.data_prepare, quote=True)
+    log(f"preparing data (data.prepare, in {sweep_dir(sweep.source)}): {command}")
+    # the repository on PYTHONPATH, so that "{python} -m experiments.<module>" works from anywhere
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
+    proc = subprocess.Popen(command, shell=True, cwd=sweep_dir(sweep.source), env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
     tail: list[str] = []
     for line in proc.stdout:
         print(f"  | {line.rstrip()}", flush=True)

@@ -5,7 +5,7 @@ overrides such as ``model.clusters=200`` are merged before validation). Every pr
 :class:`SpecError` whose message is one line naming the key, raised before anything runs.
 
     name: demo                       # the sweep's directory under root
-    root: outputs/sweeps             # relative paths are relative to the current directory
+    root: "{repo}/outputs/sweeps"    # default: outputs/sweeps (beside the sweep file)
     task: masked_lm
     data: {path: ..., prepare: "..."}  # prepare runs (shell) when path/dict.txt (or input0/dict.txt) is missing
     fairseq: {criterion: masked_lm, lr: 1e-3, cpu: true, ...}   # base args: key -> value
@@ -23,8 +23,15 @@ overrides such as ``model.clusters=200`` are merged before validation). Every pr
     budget: {max_update: 200, max_epoch: null, wall_minutes: null, gpu_hours: null}
     metric: {name: loss, split: valid, lower_is_better: true}
 
+A sweep file means the same from any working directory. In ``root``, ``data.path`` and
+``data.prepare``, ``{repo}`` is this repository's root (where ``experiments/`` lives) and
+``{python}`` the interpreter running the launcher; any other relative path is relative to the
+directory of the sweep file. ``data.prepare`` runs there, with the repository on ``PYTHONPATH``
+(so ``{python} -m experiments.<module>`` works).
+
 fairseq arguments are written with underscores or dashes (``max_tokens`` = ``max-tokens``);
-``true`` becomes a bare flag, ``false``/``null`` drops it, a list becomes several values.
+``true`` becomes a bare flag, ``false``/``null`` drops it (the plugin's value-taking booleans are
+written ``--hash-bias false``: :func:`fairseq_argv`), a list becomes several values.
 """
 
 from __future__ import annotations
@@ -176,6 +183,27 @@ def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool =
     return validate(data, source=path, check_arch=check_arch, check_data=check_data)
 
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+def sweep_dir(source: Path | None) -> Path:
+    """The directory that a sweep file's relative paths (and ``data.prepare``) start from."""
+    return Path(source).resolve().parent if source is not None else Path.cwd()
+
+
+def placeholders(text: str, *, quote: bool = False) -> str:
+    """``{repo}`` and ``{python}`` filled in (shell-quoted for a command when ``quote``)."""
+    import shlex
+    import sys
+
+    fill = shlex.quote if quote else str
+    return text.replace("{repo}", fill(str(REPO))).replace("{python}", fill(sys.executable))
+
+
+def _path(value: Any, base: Path) -> Path:
+    return (base / Path(placeholders(str(value))).expanduser()).resolve()
+
+
 def _mapping(data: dict, key: str, known: set | None, src: str) -> dict:
     value = data.get(key) or {}
     if not isinstance(value, dict):
@@ -276,8 +304,9 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
             what = "a positive integer or -1 (all)" if key == "num" else "an integer >= 0"
             raise SpecError(f"{src}: key 'trials.{key}' must be {what}, got {value!r}")
 
-    root = Path(str(data.get("root") or "outputs/sweeps")).expanduser().resolve()
-    data_path = Path(str(dat["path"])).expanduser().resolve() if dat.get("path") else None
+    here = sweep_dir(source)
+    root = _path(data.get("root") or "outputs/sweeps", here)
+    data_path = _path(dat["path"], here) if dat.get("path") else None
     sweep = Sweep(
         name=name, root=root, task=str(data["task"]), data_path=data_path, data_prepare=dat.get("prepare"),
         base=base, grid=grid, arms=checked_arms, seeds=list(seeds), resources=resources, budget=budget,

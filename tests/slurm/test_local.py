@@ -255,3 +255,32 @@ def test_truncated_last_checkpoint_is_restored_from_the_newest_intact_one(tmp_pa
     assert torch.load(folder / "checkpoint_last.pt") == {"updates": 8}
     assert (folder / "checkpoint_last.pt.broken").stat().st_size == len(whole) // 2
     assert not list(folder.glob("*.tmp"))
+
+
+def test_a_sweep_file_means_the_same_from_any_working_directory(tmp_path, corpus):
+    """Relative paths in a sweep file (root, data.path, data.prepare) start from the sweep file's
+    directory; {repo} is this repository. Launched from an unrelated directory."""
+    import yaml
+
+    project, elsewhere = tmp_path / "project", tmp_path / "elsewhere"
+    project.mkdir(), elsewhere.mkdir()
+    spec = yaml.safe_load(tiny_sweep(tmp_path / "t.yaml", corpus, name="rel", grid={"arch": ["clustered_transformer"]},
+                                     budget={"max_update": 2}).read_text())  # fmt: skip
+    spec["root"] = "out/sweeps"
+    spec["data"] = {"path": "data/data-bin", "prepare": "{python} {repo}/experiments/prepare_demo_data.py --out data --lines 200"}
+    (project / "sweep.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    proc = subprocess.run([PY, "-m", "slurm", "run", str(project / "sweep.yaml")], cwd=elsewhere, capture_output=True,
+                          text=True, timeout=300)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (project / "data" / "data-bin" / "dict.txt").is_file()
+    result = json.loads((project / "out" / "sweeps" / "rel" / "clustered_s1" / "result.json").read_text())
+    assert result["state"] == "finished" and result["updates"] == 2
+    assert not list(elsewhere.iterdir()), list(elsewhere.iterdir())  # nothing written where it was launched
+
+
+def test_the_demo_sweep_resolves_into_the_repository_from_anywhere(tmp_path):
+    proc = subprocess.run([PY, "-m", "slurm", "run", str(REPO / "experiments" / "demo.yaml"), "--dry-run"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"{REPO}/outputs/demo-data/data-bin --task masked_lm" in proc.stdout
+    assert f"--save-dir {REPO}/outputs/sweeps/demo/softmax_s1/checkpoints" in proc.stdout
