@@ -16,6 +16,10 @@ from pathlib import Path
 from .checkpoints import UntrustedCheckpointError
 
 
+class MissingInputError(FileNotFoundError):
+    """A missing input the plugin itself found; its message is the whole one-line error."""
+
+
 def _describe(exc: FileNotFoundError) -> str:
     path = exc.filename or (exc.args[-1] if exc.args else "")
     text = str(path)
@@ -41,7 +45,8 @@ def _hook(exc_type, exc, tb, _previous=sys.excepthook):
         _previous(exc_type, exc, tb)
         return
     prog = os.path.basename(sys.argv[0]) or "fairseq"
-    what = str(exc) if issubclass(exc_type, UntrustedCheckpointError) else _describe(exc)
+    own = issubclass(exc_type, (UntrustedCheckpointError, MissingInputError))
+    what = str(exc) if own else _describe(exc)
     print(f"{prog}: error: {what} (FAIRSEQ_PLUGIN_TRACEBACK=1 shows the traceback)", file=sys.stderr)
 
 

@@ -31,6 +31,7 @@ from fairseq.models.speech_to_text.s2t_transformer import (
 )
 from fairseq.models.transformer import TransformerConfig
 
+from ..cli_errors import MissingInputError
 from ..config import (AttentionConfig, add_attention_args, add_checkpointing_args, apply_attention_defaults,
                       register_attention_architectures)  # fmt: skip
 from ..modules.encoder import build_layer
@@ -64,7 +65,7 @@ class EfficientS2TTransformerModel(S2TTransformerModel):
         pretrained = getattr(args, "load_pretrained_encoder_from", None)
         if pretrained is not None:
             if not Path(pretrained).is_file():
-                raise FileNotFoundError(
+                raise MissingInputError(
                     f"--load-pretrained-encoder-from {pretrained}: no such checkpoint; "
                     f"pass an existing s2t_transformer / efficient_s2t_transformer checkpoint or drop the option"
                 )

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from .speech_data import make_speech_data
+
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
@@ -45,3 +47,15 @@ def test_traceback_available_on_request(tmp_path):
                   env={"FAIRSEQ_PLUGIN_TRACEBACK": "1"})
     assert proc.returncode != 0
     assert "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
+
+
+def test_the_plugins_own_missing_input_is_its_own_one_line(tmp_path):
+    """A missing --load-pretrained-encoder-from is reported in the plugin's words, not read as a path."""
+    data = make_speech_data(tmp_path / "speech", sizes={"train": 2, "valid": 2}).root
+    missing = tmp_path / "encoder.pt"
+    proc = _train(data, "--task", "speech_to_text", "--config-yaml", "config.yaml", "--arch", "clustered_s2t_transformer",
+                  "--train-subset", "train", "--valid-subset", "valid", "--load-pretrained-encoder-from", missing)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"fairseq-train: error: --load-pretrained-encoder-from {missing}: no such checkpoint"), last
+    assert "does not exist" not in last, last
