@@ -375,6 +375,33 @@ def test_opcheck():
 
 
 @kernels
+def test_torch_compile_traces_the_ops():
+    """Fake kernels let torch.compile trace every op (fullgraph), forward and backward."""
+    from fairseq_plugin.ops.kmeans import draw_kmeans_seeds
+    from fairseq_plugin.ops.triton import aggregate, hashing, kmeans
+
+    g = _gen(14)
+    x = torch.randn(1, 2, 30, 8, generator=g)
+    planes = torch.randn(9, 9, generator=g)
+    init, reseed = draw_kmeans_seeds(1, 2, 30, 4, 2, torch.zeros(1, 30, dtype=torch.bool), g, x.device)
+    x, planes, init, reseed = _on(x, planes, init, reseed)
+
+    def cluster(x, planes, init, reseed):
+        codes = hashing.lsh_hash(x, planes)
+        assignment, counts, _, _ = kmeans.hamming_kmeans(codes, init, reseed, None, 9)
+        sums = aggregate.cluster_sum(x, assignment, 4)
+        return aggregate.cluster_broadcast(sums / counts.clamp_min(1).unsqueeze(-1), assignment)
+
+    x.requires_grad_()
+    eager = cluster(x, planes, init, reseed)
+    (grad,) = torch.autograd.grad(eager.square().sum(), x)
+    compiled = torch.compile(cluster, backend="aot_eager", fullgraph=True)(x, planes, init, reseed)
+    (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
+    torch.testing.assert_close(compiled, eager)
+    torch.testing.assert_close(compiled_grad, grad)
+
+
+@kernels
 def test_bad_input_names_the_argument():
     from fairseq_plugin.ops.triton import aggregate, hashing, kmeans
 
