@@ -2,6 +2,7 @@
 # The GPU acceptance check (issue 10, deliverable 5), for the day a GPU is lent:
 #
 #   bash scripts/gpu_check.sh OUTDIR        # from the repository root; OUTDIR defaults to $OUT
+#   PYTHON=/path/to/python bash scripts/gpu_check.sh OUTDIR   # another interpreter than `python`
 #
 # Needs torch + triton + CUDA and this repository; no network, no fairseq. Runs, in order: the
 # environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
