@@ -7,14 +7,13 @@ the package supports, so ``pip install --no-build-isolation -e .`` into an envir
 has its own torch (a CUDA build, say) keeps that torch (the compiled ops build against it, so the
 build must see it: hence no build isolation).
 
-The compiled ops (csrc/) build as ``fairseq_plugin._C``: the CPU kernels always, the CUDA kernels
-too where torch has CUDA and nvcc is found (``FAIRSEQ_PLUGIN_CUDA=0`` turns them off,
-``TORCH_CUDA_ARCH_LIST`` picks the architectures). A failed build is a loud warning, not a failed
-install: the ops then run on their PyTorch reference and say so once at run time.
+The compiled ops (csrc/) build as ``fairseq_plugin._C``: the C++ CPU kernels. The GPU kernels are
+Triton (fairseq_plugin/ops/triton/), JIT-compiled at run time: nothing to build, no nvcc. A failed
+build is a loud warning, not a failed install: the CPU ops then run on their PyTorch reference and
+say so once at run time.
 """
 
 import glob
-import os
 import sys
 
 from setuptools import find_packages, setup
@@ -45,9 +44,8 @@ OWN_DEPS = ["tensorboard>=2.10", "submitit>=1.5,<2", "matplotlib>=3.7"]
 
 
 def extensions():
-    """fairseq_plugin._C from csrc/: CPU always, CUDA where torch has it."""
+    """fairseq_plugin._C from csrc/: the C++ CPU kernels."""
     try:
-        import torch
         from torch.utils import cpp_extension
     except ImportError:
         sys.exit(
@@ -56,18 +54,9 @@ def extensions():
         )
     sources = ["csrc/ops.cpp", *sorted(glob.glob("csrc/cpu/*.cpp"))]
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas", "-Wno-psabi"]
-    want_cuda = os.environ.get("FAIRSEQ_PLUGIN_CUDA", "1") != "0"
-    if want_cuda and torch.version.cuda is not None and cpp_extension.CUDA_HOME is not None:
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + ["csrc/cuda/bindings.cpp"]
-        nvcc = ["-O3", "--use_fast_math", "-lineinfo", "-std=c++17"]
-        ext = cpp_extension.CUDAExtension(
-            "fairseq_plugin._C", sources, extra_compile_args={"cxx": cxx + ["-DFCA_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
-        )  # fmt: skip
-    else:
-        ext = cpp_extension.CppExtension(
-            "fairseq_plugin._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
-        )
+    ext = cpp_extension.CppExtension(
+        "fairseq_plugin._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]
+    )
     ext.optional = True  # a failed build warns; the ops fall back to the reference and say why
     return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(no_python_abi_suffix=False)}
 

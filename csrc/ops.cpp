@@ -1,7 +1,7 @@
 // Schemas of the fairseq_clustered operators, and the Python module that loading them needs.
 //
-// Implementations: cpu/*.cpp (TORCH_LIBRARY_IMPL CPU) and cuda/bindings.cpp (CUDA, built only
-// where torch has CUDA). Autograd, fake (meta) kernels and the Python API live in
+// Implementations: cpu/*.cpp (TORCH_LIBRARY_IMPL CPU); the GPU kernels are Triton, in
+// fairseq_plugin/ops/triton/. Autograd, fake (meta) kernels and the Python API live in
 // fairseq_plugin/ops/compiled.py; the PyTorch reference of every operator is in
 // fairseq_plugin/ops/ (the oracle of the tests and the fallback when this extension is missing).
 #include <Python.h>

@@ -7,7 +7,8 @@
   and both ``TRITON_INTERPRET=1`` and ``FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` are set, so the kernels
   run in Triton's interpreter (how the tests check them without a GPU);
 * ``"cpu"``: ``t`` is on the CPU and :func:`compiled.usable` accepts it (the csrc/ extension);
-* ``"reference"``: everything else (the PyTorch reference of every op).
+* ``"reference"``: everything else (the PyTorch reference of every op), and every tensor while
+  :func:`compiled.use_compiled` is off (``FAIRSEQ_PLUGIN_COMPILED=0``).
 
 A CUDA tensor with Triton missing or older than 3.6 warns once, naming the version, and runs the
 reference. Triton is imported on the first question about a CUDA tensor (or under the
@@ -72,6 +73,8 @@ def _dtype_ok(t: Tensor) -> bool:
 def implementation(t: Tensor) -> str:
     """``"triton"``, ``"cpu"`` (csrc/) or ``"reference"``: the implementation that serves ``t``."""
     global _warned
+    if not compiled.enabled():  # FAIRSEQ_PLUGIN_COMPILED=0 / use_compiled(False): the reference, on purpose
+        return "reference"
     if t.device.type == "cuda":
         version, ok = triton_status()
         if ok:

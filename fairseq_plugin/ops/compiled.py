@@ -1,18 +1,16 @@
 """The compiled operators of csrc/ (``fairseq_plugin._C``): loading, fake kernels and autograd.
 
 The extension registers its operators under ``torch.ops.fairseq_clustered`` (schemas in
-csrc/ops.cpp, CPU kernels in csrc/cpu/, CUDA kernels in csrc/cuda/). This module loads it on
-first use, registers a fake kernel for every operator (so ``torch.compile`` can trace them) and
-the autograd formulas of the differentiable ones, and tells the attention functions whether a
-tensor can take the compiled path:
-
-* CPU: float32 and float64 (float16 / bfloat16 inputs run the reference: it does not pay there);
-* CUDA: float16, bfloat16, float32 and float64, when the extension was built with CUDA.
+csrc/ops.cpp, C++ CPU kernels in csrc/cpu/). This module loads it on first use, registers a fake
+kernel for every operator (so ``torch.compile`` can trace them) and the autograd formulas of the
+differentiable ones, and tells the attention functions whether a tensor can take the compiled
+path: CPU float32 and float64 (float16 / bfloat16 inputs run the reference: it does not pay
+there). CUDA tensors take the Triton kernels instead (:mod:`.backend`, :mod:`.triton`).
 
 If the extension is missing or fails to load, every op runs its PyTorch reference and a warning
 says so once, with the load error and how to rebuild. ``FAIRSEQ_PLUGIN_COMPILED=0`` or
-:func:`use_compiled` (``with use_compiled(False): ...``) selects the reference deliberately (the
-tests and the benchmark compare the two this way).
+:func:`use_compiled` (``with use_compiled(False): ...``) selects the reference deliberately, for
+the Triton kernels too (the tests and the benchmark compare the two this way).
 """
 
 from __future__ import annotations
@@ -34,7 +32,6 @@ _load_error: Optional[str] = None
 _enabled = os.environ.get("FAIRSEQ_PLUGIN_COMPILED", "1") != "0"
 _warned: set = set()
 _CPU_DTYPES = (torch.float32, torch.float64)
-_CUDA_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 def _warn_once(key: str, message: str) -> None:
@@ -67,11 +64,6 @@ def load_error() -> Optional[str]:
     return _load_error
 
 
-def has_cuda() -> bool:
-    """True when the loaded extension has CUDA kernels."""
-    return load() and torch._C._dispatch_has_kernel_for_dispatch_key(f"{OPS}::topk_attention", "CUDA")
-
-
 def enabled() -> bool:
     return _enabled
 
@@ -88,8 +80,8 @@ def use_compiled(flag: bool) -> Iterator[None]:
 
 
 def usable(t: Tensor) -> bool:
-    """Whether a call on tensors like ``t`` (device, dtype) takes the compiled path."""
-    if not _enabled:
+    """Whether a call on tensors like ``t`` (device, dtype) takes the compiled CPU path."""
+    if not _enabled or t.device.type != "cpu":
         return False
     if not load():
         _warn_once(
@@ -98,18 +90,7 @@ def usable(t: Tensor) -> bool:
             f"every op runs its PyTorch reference, which is correct but slower; {REBUILD}",
         )
         return False
-    if t.device.type == "cpu":
-        return t.dtype in _CPU_DTYPES or not t.is_floating_point()
-    if t.device.type == "cuda":
-        if not has_cuda():
-            _warn_once(
-                "cuda",
-                "fairseq_plugin: the compiled ops were built without CUDA (torch had no CUDA or nvcc was not "
-                f"found at build time); CUDA tensors run the PyTorch reference; {REBUILD} on a machine with nvcc",
-            )
-            return False
-        return t.dtype in _CUDA_DTYPES or not t.is_floating_point()
-    return False
+    return t.dtype in _CPU_DTYPES or not t.is_floating_point()
 
 
 def _weights_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -1,6 +1,6 @@
 """The Triton kernels of improved-clustered attention (ops/triton/topk.py, sparse.py) against the
 PyTorch reference: in Triton's interpreter on CPU tensors, or compiled on CUDA tensors when a GPU
-is there (``FAIRSEQ_PLUGIN_TRITON_TEST_DEVICE=cpu`` forces the interpreter).
+is there (``FAIRSEQ_PLUGIN_TEST_DEVICE=cpu`` forces the interpreter).
 
 The interpreter is chosen when a kernel is decorated (``TRITON_INTERPRET`` read at import), and
 ``backend.implementation`` caches the environment on first use, so the cases run in one child
@@ -436,10 +436,10 @@ def _child(names) -> None:
 
 def _device() -> str:
     """"cuda" (the compiled kernels) when a GPU is there, else "cpu" (the interpreter);
-    FAIRSEQ_PLUGIN_TRITON_TEST_DEVICE=cpu forces the interpreter."""
+    FAIRSEQ_PLUGIN_TEST_DEVICE=cpu forces the interpreter."""
     import torch
 
-    wanted = os.environ.get("FAIRSEQ_PLUGIN_TRITON_TEST_DEVICE")
+    wanted = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE")
     return wanted or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
