@@ -68,6 +68,14 @@ def full_attention(
     return _zero_padded_queries(out, query_padding_mask)
 
 
+class _Clusters(NamedTuple):
+    assignment: Tensor  # (N, H, L) int64, -1 for padded queries
+    counts: Tensor  # (N, H, C) int64
+    centroids: Tensor  # (N, H, C, E)
+    order: Optional[Tensor] = None  # (N, H, L) int32 queries grouped by cluster (Triton path: from k-means)
+    offsets: Optional[Tensor] = None  # (N, H, C + 1) int32
+
+
 def _cluster_queries(
     q: Tensor,
     clusters: int,
@@ -76,23 +84,28 @@ def _cluster_queries(
     hash_bias: bool,
     query_padding_mask: Optional[Tensor],
     generator: Optional[torch.Generator],
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Hash, cluster and average the queries. Returns (assignment, counts, centroids (N, H, C, E))."""
+) -> _Clusters:
+    """Hash, cluster and average the queries. On the Triton path k-means also emits the grouping
+    of the queries by cluster (a counting sort), which the top-k attention tiles consume."""
     planes = draw_planes(hash_bits, q.shape[-1], hash_bias, generator, q.device)
     codes = lsh_hash(q.detach(), planes)  # (N, H, L)
-    assignment, counts = hamming_kmeans(codes, hash_bits, clusters, iterations, query_padding_mask, generator)
     if implementation(q) == "triton":
         from .triton import aggregate  # imports triton: only on this path
 
+        assignment, counts, order, offsets = hamming_kmeans(
+            codes, hash_bits, clusters, iterations, query_padding_mask, generator, return_order=True
+        )
         sums = aggregate.cluster_sum(q, assignment, counts.shape[-1])  # (N, H, C, E) float32
-        return assignment, counts, (sums / counts.clamp_min(1).unsqueeze(-1)).to(q.dtype)
+        centroids = (sums / counts.clamp_min(1).unsqueeze(-1)).to(q.dtype)
+        return _Clusters(assignment, counts, centroids, order, offsets)
+    assignment, counts = hamming_kmeans(codes, hash_bits, clusters, iterations, query_padding_mask, generator)
     if compiled.usable(q):
         sums = torch.ops.fairseq_clustered.cluster_sum(q, assignment, counts.shape[-1])  # (N, H, C, E)
     else:
         members = _one_hot(assignment, counts.shape[-1], q.dtype)  # (N, H, L, C)
         sums = members.transpose(-1, -2) @ q  # (N, H, C, E); gradients reach every member query
     centroids = sums / counts.clamp_min(1).unsqueeze(-1).to(q.dtype)
-    return assignment, counts, centroids
+    return _Clusters(assignment, counts, centroids)
 
 
 def _broadcast(per_cluster: Tensor, assignment: Tensor) -> Tensor:
@@ -141,7 +154,7 @@ def clustered_attention(
     """
     _validate(q, k, v, clusters, hash_bits, iterations, hash_bias, softmax_temp, key_padding_mask, query_padding_mask,
               generator)  # fmt: skip
-    assignment, counts, centroids = _cluster_queries(
+    assignment, counts, centroids, _, _ = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
     scores = centroids @ k.transpose(-1, -2) * _scale(softmax_temp, q.shape[-1])  # (N, H, C, S)
@@ -205,7 +218,7 @@ def improved_clustered_attention(
               generator)  # fmt: skip
     check("topk", topk)
     scale = _scale(softmax_temp, q.shape[-1])
-    assignment, counts, centroids = _cluster_queries(
+    assignment, counts, centroids, order, offsets = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
     kk = min(topk, k.shape[2])
@@ -213,8 +226,10 @@ def improved_clustered_attention(
         from .triton import sparse  # imports triton: only on this path
 
         # Centroid softmax + top-k + m̂ in one kernel per row, rest in fp32, and the top-k attention
-        # over tiles of (cluster, queries), which writes m̂·O + rest directly.
-        topk_mass, out = sparse.topk_products(q, k, v, centroids, assignment, kk, scale, key_padding_mask)
+        # over tiles of (cluster, queries), which writes m̂·O + rest directly; the tiles come from
+        # k-means' own counting sort (order / offsets), so nothing sorts here.
+        topk_mass, out = sparse.topk_products(q, k, v, centroids, assignment, kk, scale, key_padding_mask,
+                                              order=order, offsets=offsets)  # fmt: skip
         out = _zero_padded_queries(out, query_padding_mask)
         return (out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])) if return_clusters else out
     if compiled.usable(q):

@@ -2,9 +2,10 @@
 run on CPU tensors in Triton's interpreter.
 
 The interpreter must be chosen before triton is first imported, and the suite runs in one process
-where another test may have imported it already. So in the suite, ``test_interpreted`` runs this
-file again in a subprocess with ``TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1``, where the
-kernel tests run (they are skipped in the parent, saying so). Run them directly with:
+where another test may have imported it already. So in the suite, the first kernel test runs this
+file once in a subprocess with ``TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1``, and each kernel
+test of the parent reports its own outcome there (passed, or failed with the child's output).
+Run them directly with:
 
     TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1 pytest -q tests/ops/test_triton_clustering.py
 
@@ -16,7 +17,9 @@ launch; the references run on CPU copies.
 
 from __future__ import annotations
 
+import functools
 import os
+import re
 import subprocess
 import sys
 import warnings
@@ -27,24 +30,42 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FAIRSEQ_PLUGIN_TRITON_ON_CPU") == "1"
 DEVICE = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE", "cpu")
 ON_CUDA = DEVICE == "cuda"
-if ON_CUDA and not torch.cuda.is_available():
-    kernels = pytest.mark.skip(reason="FAIRSEQ_PLUGIN_TEST_DEVICE=cuda but CUDA is not available")
-else:
-    kernels = pytest.mark.skipif(
-        not (INTERPRETED or ON_CUDA), reason="runs in the subprocess of test_interpreted (Triton interpreter)"
-    )
 SEED = int.from_bytes(os.urandom(4), "little")
+_CURRENT: dict = {}
 
 
-@pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="this is the subprocess, or the CUDA run")
-def test_interpreted():
-    pytest.importorskip("triton")
+@pytest.fixture(autouse=True)
+def _test_name(request):
+    _CURRENT["name"] = request.node.name
+
+
+@functools.lru_cache(maxsize=None)
+def _interpreted_outcomes() -> tuple:
+    """Run this file once under the interpreter; ({test name: PASSED / FAILED / ...}, its output)."""
     env = dict(os.environ, TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1", OMP_NUM_THREADS="1")
     run = subprocess.run(
-        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__],
+        [sys.executable, "-m", "pytest", "-q", "-rA", "-p", "no:cacheprovider", __file__],
         env=env, capture_output=True, text=True, timeout=600,
     )
-    assert run.returncode == 0, run.stdout[-6000:] + run.stderr[-3000:]
+    outcomes = {m.group(2): m.group(1) for m in re.finditer(r"^(PASSED|FAILED|ERROR|SKIPPED) \S*?::(\S+)", run.stdout, re.M)}
+    return outcomes, run.stdout[-6000:] + run.stderr[-3000:]
+
+
+def kernels(test):
+    """A kernel test: run here under the interpreter or on CUDA, else read from the interpreted run."""
+    if ON_CUDA and not torch.cuda.is_available():
+        return pytest.mark.skip(reason="FAIRSEQ_PLUGIN_TEST_DEVICE=cuda but CUDA is not available")(test)
+    if INTERPRETED or ON_CUDA:
+        return test
+
+    @functools.wraps(test)
+    def in_the_interpreter(*args, **kwargs):
+        pytest.importorskip("triton")
+        outcomes, output = _interpreted_outcomes()
+        outcome = outcomes.get(_CURRENT["name"])
+        assert outcome == "PASSED", f"{_CURRENT['name']}: {outcome} under the interpreter\n{output}"
+
+    return in_the_interpreter
 
 
 # the backend switch (runs in this process) ------------------------------------------------
