@@ -3,7 +3,10 @@
 Sequences come from :mod:`.mqar`, generated on the fly from a seed per split (no data
 directory, no preprocessing). Each sample is ``<s>`` followed by ``--tokens-per-sample - 1``
 MQAR tokens; the value after every query key is replaced by ``<mask>`` and is the target, so
-the ``*_transformer`` models (``efficient_roberta``) predict it with their masked-LM head.
+the ``*_transformer`` models (``efficient_roberta``) predict it with their masked-LM head
+(``--predict-at value``). ``--predict-at key`` reads the answer at the query key's own position
+instead (the value stays masked), which needs one attention composition fewer and is learned far
+sooner (docs/results.md section 5).
 ``--criterion associative_recall`` is cross-entropy on those positions and logs ``accuracy``
 (per query, in percent).
 
@@ -34,6 +37,10 @@ from .mqar import FILLERS, NOISE_SYMBOLS, RecallSpec, generate
 # default is a directory that exists and holds no such file.
 NO_DATA = os.path.dirname(os.path.abspath(__file__))
 CRITERIA = ("associative_recall", "masked_lm")  # criteria that read the masked targets
+# "value": the masked value is the target (the model must find the key before it, then that key's
+# pair: composition on both sides of the second layer, a long plateau at ~1/num_pairs); "key": the
+# query key's own position is the target (one composition, as in causal MQAR; learns much faster).
+PREDICT_AT = ("value", "key")
 
 
 def option_error(message: str) -> None:
@@ -78,6 +85,11 @@ class AssociativeRecallConfig(FairseqDataclass):
         metadata={"help": f"the other positions: one blank token, or noise drawn from {NOISE_SYMBOLS} "
                           "distractor tokens"},
     )
+    predict_at: ChoiceEnum(PREDICT_AT) = field(
+        default="value",
+        metadata={"help": "where each query's answer is predicted: at its masked value position, or at the query "
+                          "key's own position (the value stays masked; the layout of causal MQAR)"},
+    )
     train_size: int = field(
         default=20000,
         metadata={"help": "sequences in the train stream (one epoch)"},
@@ -107,8 +119,10 @@ class AssociativeRecallConfig(FairseqDataclass):
 class RecallDataset(FairseqDataset):
     """``size`` MQAR samples of one stream, each made when it is asked for."""
 
-    def __init__(self, spec: RecallSpec, seed: int, size: int, dictionary: Dictionary, mask_idx: int):
+    def __init__(self, spec: RecallSpec, seed: int, size: int, dictionary: Dictionary, mask_idx: int,
+                 predict_at: str = "value"):  # fmt: skip
         self.spec, self.seed, self.size_, self.dictionary, self.mask_idx = spec, seed, size, dictionary, mask_idx
+        self.shift = {"value": 0, "key": -1}[predict_at]  # target position relative to the masked value
         self.offset = dictionary.nspecial  # symbol id s is dictionary index nspecial + s
         self.sizes = np.full(size, spec.length + 1, dtype=np.int64)
 
@@ -119,8 +133,8 @@ class RecallDataset(FairseqDataset):
         tokens, answers = generate(self.spec, self.seed, index)
         source = torch.from_numpy(tokens + self.offset)
         target = torch.full_like(source, self.dictionary.pad())
-        target[answers] = source[answers]
-        source[answers] = self.mask_idx
+        target[answers + self.shift] = source[answers]
+        source[answers] = self.mask_idx  # the value is hidden in both modes
         source = torch.cat([source.new_tensor([self.dictionary.bos()]), source])  # (T,)
         target = torch.cat([target.new_tensor([self.dictionary.pad()]), target])  # (T,)
         return {"id": index, "source": source, "target": target}
@@ -212,7 +226,8 @@ class AssociativeRecallTask(FairseqTask):
         if stream is None:
             option_error(f"--task associative_recall has the splits train, valid and test, not {split!r}")
         seed, size = getattr(self.cfg, f"{stream}_seed"), getattr(self.cfg, f"{stream}_size")
-        self.datasets[split] = RecallDataset(self.spec, seed, size, self.dictionary, self.mask_idx)
+        self.datasets[split] = RecallDataset(self.spec, seed, size, self.dictionary, self.mask_idx,
+                                             str(self.cfg.predict_at))  # fmt: skip
 
     def max_positions(self):
         return self.cfg.tokens_per_sample

@@ -94,6 +94,26 @@ def test_bad_specs_name_the_option(spec, words):
     assert any(words in p for p in spec.problems()), spec.problems()
 
 
+@pytest.mark.parametrize("predict_at, shift", [("value", 0), ("key", -1)])
+def test_samples_mask_the_values_and_target_the_chosen_position(predict_at, shift):
+    from fairseq_plugin.tasks.associative_recall import AssociativeRecallConfig, AssociativeRecallTask
+
+    cfg = AssociativeRecallConfig(vocab_size=32, num_pairs=4, num_queries=4, tokens_per_sample=40,
+                                  predict_at=predict_at)
+    task = AssociativeRecallTask.setup_task(cfg)
+    task.load_dataset("valid")
+    sample = task.datasets["valid"][3]
+    tokens, answers = generate(task.spec, seed=cfg.valid_seed, index=3)
+    source, target = sample["source"], sample["target"]  # (40,): <s> first
+    assert source[0] == task.dictionary.bos() and len(source) == 40
+    assert (source[1:][answers] == task.mask_idx).all() and int((source == task.mask_idx).sum()) == 4
+    pad = task.dictionary.pad()
+    targets = target[1:][answers + shift]
+    assert targets.tolist() == (tokens[answers] + task.dictionary.nspecial).tolist()
+    assert int((target != pad).sum()) == 4
+    assert [task.dictionary[i][0] for i in targets] == ["v"] * 4
+
+
 # --- fairseq-train: options in --help, one-line errors ---------------------------------------------
 
 
