@@ -4,16 +4,21 @@ A grid over sequence lengths and attention implementations, forward and forward+
 each cell: median wall time over ``--repeats`` timed runs (after a warm-up), peak extra memory,
 and the relative error of the output against exact attention (||out - exact||_F / ||exact||_F) on
 two kinds of inputs: iid Gaussian queries/keys, and structured ones (queries and keys drawn around
-a few hundred shared centres, so that attention is peaked as in trained models). On CUDA it also
-reports the time spent hashing and clustering (clust ms) next to the forward time.
+a few hundred shared centres, so that attention is peaked as in trained models). It also reports
+the time spent hashing and clustering (clust ms) next to the forward time, and per-stage times of
+one profiled call (hash, kmeans, aggregate, centroid_topk, topk_fwd, topk_bwd: the compiled ops,
+from torch.profiler). ``--skew 0.5`` makes half of each head's queries one point, so that one
+cluster holds them (the skewed-cluster case).
 
 Implementations: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention; the flash backend on
-CUDA), ``ref-clustered`` / ``ref-i-clustered`` (the PyTorch reference of fairseq_plugin.ops),
-``clustered`` / ``i-clustered`` (the compiled kernels of csrc/).
+CUDA), ``sdpa-cudnn`` (its cuDNN backend, CUDA half precision), ``ref-clustered`` /
+``ref-i-clustered`` (the PyTorch reference of fairseq_plugin.ops), ``clustered`` / ``i-clustered``
+(the compiled kernels: csrc/ on the CPU, Triton on CUDA).
 
     python experiments/benchmarks/attention.py                      # CPU grid, N=1 H=4 E=64 C=100 B=63 I=10 k=32
     python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2
-    python experiments/benchmarks/attention.py --device cuda        # float32 H=4 and bfloat16 H=8 (SDPA flash), + 32k
+    python experiments/benchmarks/attention.py --device cuda        # float32 H=4 and bfloat16 H=8 (SDPA flash, cuDNN), + 32k
+    python experiments/benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 --skew 0.5   # one big cluster
 
 On CPU every cell runs in fresh subprocesses: ``--processes`` (3) for time and error with the
 default allocator, their timed runs pooled (glibc's allocator is fast in some processes and slow in
@@ -40,9 +45,13 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 IMPLS = ["sdpa", "ref-clustered", "ref-i-clustered", "clustered", "i-clustered"]
+CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (half precision)
+# the ops of both compiled namespaces (csrc/ and Triton), by the stage of the pipeline they are
+STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
+          "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd"}  # fmt: skip
 CSV_FIELDS = ["device", "dtype", "threads", "n", "h", "length", "e", "clusters", "hash_bits", "iterations", "topk",
               "impl", "pass", "median_ms", "min_ms", "repeats", "processes", "process_medians_ms", "peak_mem_mb",
-              "err_iid", "err_structured",
+              "err_iid", "err_structured", "skew", "stages_ms",
               "clustering_ms", "speedup_vs_sdpa"]  # fmt: skip
 
 
@@ -63,6 +72,7 @@ class Cell:
     passes: str  # "fwd" or "fwd+bwd"
     repeats: int
     processes: int = 1  # CPU: timing processes per cell (their timed runs are pooled)
+    skew: float = 0.0  # this fraction of each head's queries are one query (+ noise): one big cluster
     results: Dict[str, float] = field(default_factory=dict)
 
 
@@ -81,6 +91,9 @@ def make_inputs(cell: Cell, structured: bool, seed: int = 0):
     else:
         q, k = torch.randn(shape, generator=g), torch.randn(shape, generator=g)
     v = torch.randn(shape, generator=g)
+    if cell.skew > 0:  # a skewed clustering: the first skew * L queries of a head are near one point
+        many = int(cell.skew * cell.length)
+        q[:, :, :many] = q[:, :, :1] + 1e-3 * torch.randn(q[:, :, :many].shape, generator=g)
     dtype = getattr(torch, cell.dtype)
     return tuple(t.to(cell.device, dtype) for t in (q, k, v))
 
@@ -89,14 +102,18 @@ def attention_fn(cell: Cell) -> Callable:
     import torch
     import torch.nn.functional as F
 
-    from fairseq_plugin.ops import clustered_attention, compiled, improved_clustered_attention
+    from fairseq_plugin.ops import clustered_attention, compiled, implementation, improved_clustered_attention
 
     kw = dict(clusters=cell.clusters, hash_bits=cell.hash_bits, iterations=cell.iterations)
-    if cell.impl == "sdpa":
+    if cell.impl.startswith("sdpa"):
         if cell.device == "cuda":
             from torch.nn.attention import SDPBackend, sdpa_kernel
 
-            backend = SDPBackend.FLASH_ATTENTION if cell.dtype in ("float16", "bfloat16") else SDPBackend.EFFICIENT_ATTENTION
+            half = cell.dtype in ("float16", "bfloat16")
+            if cell.impl == "sdpa-cudnn":
+                backend = SDPBackend.CUDNN_ATTENTION
+            else:
+                backend = SDPBackend.FLASH_ATTENTION if half else SDPBackend.EFFICIENT_ATTENTION
 
             def sdpa(q, k, v):
                 with sdpa_kernel(backend):
@@ -105,8 +122,10 @@ def attention_fn(cell: Cell) -> Callable:
             return sdpa
         return F.scaled_dot_product_attention
     use = not cell.impl.startswith("ref-")
-    if use and not compiled.usable(torch.empty(0, device=cell.device, dtype=getattr(torch, cell.dtype))):
-        raise SystemExit(f"the compiled ops cannot run {cell.dtype} on {cell.device}: {compiled.load_error()}")
+    served = implementation(torch.empty(0, device=cell.device, dtype=getattr(torch, cell.dtype)))
+    if use and served == "reference":
+        raise SystemExit(f"no compiled kernel serves {cell.dtype} on {cell.device} (the csrc/ extension: "
+                         f"{compiled.load_error() or 'loaded'}; the GPU needs triton >= 3.6)")  # fmt: skip
     fn = improved_clustered_attention if cell.impl.endswith("i-clustered") else clustered_attention
     extra = {"topk": cell.topk} if cell.impl.endswith("i-clustered") else {}
 
@@ -127,6 +146,24 @@ def clustering_fn(cell: Cell) -> Optional[Callable]:
         return _cluster_queries(q, cell.clusters, cell.hash_bits, cell.iterations, True, None, None)
 
     return run
+
+
+def stage_times(step: Callable, device: str) -> str:
+    """One call of ``step`` under torch.profiler: milliseconds per pipeline stage (the compiled ops of
+    both namespaces, by :data:`STAGES`), as ``stage=ms;...``; the rest of the call is ``other``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    with profile(activities=activities) as prof:
+        step()
+        sync(device)
+    stages: Dict[str, float] = {}
+    for event in prof.key_averages():
+        namespace, _, op = event.key.partition("::")
+        if namespace in ("fairseq_clustered", "fairseq_clustered_triton") and op in STAGES:
+            us = event.device_time_total if device == "cuda" else event.cpu_time_total
+            stages[STAGES[op]] = stages.get(STAGES[op], 0.0) + us / 1e3
+    return ";".join(f"{name}={ms:.3f}" for name, ms in sorted(stages.items()))
 
 
 def sync(device: str) -> None:
@@ -192,6 +229,9 @@ def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
     results["median_ms"] = statistics.median(times)
     results["min_ms"] = min(times)
     cluster = clustering_fn(cell)
+    if phase != "times" and cell.impl in ("clustered", "i-clustered"):
+        with grad_ctx():
+            results["stages_ms"] = stage_times(step, cell.device)
     if cell.passes == "fwd" and phase != "times":
         with torch.no_grad():
             if cluster is not None:
@@ -254,7 +294,11 @@ def main(argv: Optional[List[str]] = None) -> None:
                         help="float32 (CPU default), bfloat16 or float16 (CUDA; default: float32 at H=4, then bfloat16 at H=8)")  # fmt: skip
     parser.add_argument("--lengths", type=int, nargs="+", default=None,
                         help="sequence lengths (default 1k..16k; CUDA adds 32k)")  # fmt: skip
-    parser.add_argument("--impls", nargs="+", default=IMPLS, choices=IMPLS)
+    parser.add_argument("--impls", nargs="+", default=None, choices=IMPLS + CUDA_IMPLS,
+                        help=f"default: {' '.join(IMPLS)} (CUDA adds {' '.join(CUDA_IMPLS)} in half precision)")
+    parser.add_argument("--skew", type=float, default=0.0,
+                        help="fraction of each head's queries made one point (+ noise), so that one cluster holds "
+                             "them: the skewed-cluster case (e.g. 0.5)")  # fmt: skip
     parser.add_argument("--passes", nargs="+", default=["fwd", "fwd+bwd"], choices=["fwd", "fwd+bwd"])
     parser.add_argument("--n", type=int, default=1)
     parser.add_argument("--heads", type=int, default=None, help="default 4 (CPU), 8 (CUDA)")
@@ -277,6 +321,8 @@ def main(argv: Optional[List[str]] = None) -> None:
 
     if args.processes < 1 or args.repeats < 1:
         parser.error("--processes and --repeats must be >= 1")
+    if not 0 <= args.skew < 1:
+        parser.error(f"--skew must be in [0, 1), got {args.skew}")
     if args._cell:  # worker: one cell, JSON on the last line of stdout
         print(json.dumps(measure(Cell(**json.loads(args._cell)), args._phase)))
         return
@@ -291,15 +337,21 @@ def main(argv: Optional[List[str]] = None) -> None:
     else:  # CUDA default: the float32 grid at H=4, and H=8 in bfloat16 against SDPA's flash backend
         configs = [("float32", 4), ("bfloat16", 8)]
     lengths = args.lengths or ([1024, 2048, 4096, 8192, 16384] + ([32768] if args.device == "cuda" else []))
+    impls = args.impls or IMPLS + (CUDA_IMPLS if args.device == "cuda" else [])
+    if args.device != "cuda" and set(impls) & set(CUDA_IMPLS):
+        parser.error(f"--impls {' '.join(sorted(set(impls) & set(CUDA_IMPLS)))} needs --device cuda")
     threads = args.threads or torch.get_num_threads()
     name = f"attention-{args.device}-{configs[0][0]}.csv" if len(configs) == 1 else f"attention-{args.device}.csv"
     out = args.out or Path("outputs/benchmarks") / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    cpu = platform.processor() or platform.machine()
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.processor() or platform.machine()) \
+        if Path("/proc/cpuinfo").exists() else (platform.processor() or platform.machine())  # fmt: skip
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {threads} threads"
 
     rows: List[dict] = []
-    header = f"{'L':>6} {'impl':<16} {'pass':<8} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} {'err struct':>10} {'clust ms':>8}"
+    header = (f"{'L':>6} {'impl':<16} {'pass':<8} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} "
+              f"{'err struct':>10} {'clust ms':>8}  stages (ms, one profiled call)")  # fmt: skip
     tmp = out.with_suffix(".csv.partial")
     processes = args.processes if args.device == "cpu" else 1  # CUDA cells run in this process
     runs = f"{args.repeats}" if processes == 1 else f"{processes} processes x {args.repeats}"
@@ -307,16 +359,19 @@ def main(argv: Optional[List[str]] = None) -> None:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         for dtype, heads in configs:
+            skew = f"; skew {args.skew:g} (one cluster holds that share of the queries)" if args.skew else ""
             print(f"# {device_name}; torch {torch.__version__}; N={args.n} H={heads} E={args.dim} C={args.clusters} "
-                  f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {runs}", flush=True)  # fmt: skip
+                  f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {runs}{skew}", flush=True)  # fmt: skip
             print(header, flush=True)
             for length in lengths:
                 sdpa_ms: Dict[str, float] = {}
                 for passes in args.passes:
-                    for impl in args.impls:
+                    for impl in impls:
+                        if impl in CUDA_IMPLS and dtype not in ("float16", "bfloat16"):
+                            continue  # cuDNN attention is half precision only
                         cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
                                     args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats,
-                                    processes)  # fmt: skip
+                                    processes, args.skew)  # fmt: skip
                         res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
                         if "error" in res:
                             print(f"{length:>6} {impl:<16} {passes:<8} skipped: {res['error']}", flush=True)
@@ -328,13 +383,15 @@ def main(argv: Optional[List[str]] = None) -> None:
                                "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
                                "process_medians_ms": res.get("process_medians_ms"),
                                "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
-                               "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup}  # fmt: skip
+                               "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup,
+                               "stages_ms": res.get("stages_ms")}  # fmt: skip
                         writer.writerow(row)
                         handle.flush()
                         rows.append(row)
                         print(f"{length:>6} {impl:<16} {passes:<8} {fmt(res['median_ms']):>10} {fmt(speedup, 2):>7} "
                               f"{fmt(res['peak_mem_mb']):>8} {fmt(res.get('err_iid'), 4):>8} "
-                              f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}", flush=True)  # fmt: skip
+                              f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}"
+                              f"  {res.get('stages_ms') or ''}", flush=True)  # fmt: skip
     os.replace(tmp, out)  # a complete CSV or none
     print(f"# wrote {out} ({len(rows)} rows)")
 

@@ -27,7 +27,7 @@ def run(*args, cwd=ROOT):
 def test_benchmark_grid_writes_a_sane_csv(tmp_path):
     out = tmp_path / "bench.csv"
     done = run("--lengths", "70", "--clusters", "5", "--topk", "80", "--iterations", "3", "--repeats", "2",
-               "--processes", "2", "--threads", "1", "--out", str(out))  # fmt: skip
+               "--processes", "2", "--threads", "1", "--skew", "0.5", "--out", str(out))  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rows = list(csv.DictReader(out.open()))
     cells = {(int(r["length"]), r["impl"], r["pass"]) for r in rows}
@@ -50,8 +50,17 @@ def test_benchmark_grid_writes_a_sane_csv(tmp_path):
             assert min(err.values()) > 1e-2, r
         if r["impl"] in ("clustered", "i-clustered"):
             assert 0 < float(r["clustering_ms"]) < float("inf")
+    for r in rows:  # per-stage times of the compiled pipeline, from the profiler; the skew is recorded
+        assert r["skew"] == "0.5"
+        stages = dict(item.split("=") for item in r["stages_ms"].split(";")) if r["stages_ms"] else {}
+        if r["impl"] in ("clustered", "i-clustered"):
+            assert {"hash", "kmeans", "aggregate"} <= set(stages) and all(float(ms) > 0 for ms in stages.values()), r
+        if r["impl"] == "i-clustered":
+            assert {"centroid_topk", "topk_fwd"} <= set(stages) and ("topk_bwd" in stages) == (r["pass"] == "fwd+bwd")
+        if r["impl"] not in ("clustered", "i-clustered"):
+            assert not stages, r
     # the table on stdout has one line per cell, under the shape header
-    assert "N=1 H=4 E=64 C=5 B=63 I=3 k=80 float32; median of 2 processes x 2" in done.stdout
+    assert "N=1 H=4 E=64 C=5 B=63 I=3 k=80 float32; median of 2 processes x 2; skew 0.5" in done.stdout
     assert sum(line.strip().startswith("70 ") for line in done.stdout.splitlines()) == len(rows)
 
 
