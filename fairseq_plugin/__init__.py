@@ -32,5 +32,5 @@ def register() -> None:
     cli_help.install()
 
 
-if "fairseq" in sys.modules:  # imported by fairseq (--user-dir) or after it
+if sys.modules.get("fairseq") is not None:  # imported by fairseq (--user-dir) or after it
     register()

@@ -82,7 +82,10 @@ def cancel(sweep: Sweep, runs: list[Run], timeout_s: float = 120.0) -> int:
     if holder and holder[1] in ("local", "debug"):
         pid = holder[0]
         log(f"asking the running launch (pid {pid}, {holder[1]}) to stop its jobs")
-        os.kill(pid, signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:  # it ended between the lock check and now
+            log(f"the launch (pid {pid}) had already ended")
         if not _wait_launch(sweep, pid, timeout_s):
             log(f"the launch (pid {pid}) still holds {sweep.dir / '.lock'} after {timeout_s:.0f}s; "
                 f"stop it yourself (kill {pid})")  # fmt: skip
@@ -126,8 +129,11 @@ def cancel(sweep: Sweep, runs: list[Run], timeout_s: float = 120.0) -> int:
             log(f"scancel said: {' | '.join(proc.stderr.strip().splitlines()[:3])}")
     for run, entry in targets:
         if entry["cluster"] == "local":
-            os.kill(int(entry["job_id"]), signal.SIGINT)  # submitit's controller: SIGINT, then SIGKILL its tasks
-            log(f"sent SIGINT to the local job {entry['job_id']} of {run.run_id}")
+            try:
+                os.kill(int(entry["job_id"]), signal.SIGINT)  # submitit's controller: SIGINT, then SIGKILL its tasks
+                log(f"sent SIGINT to the local job {entry['job_id']} of {run.run_id}")
+            except ProcessLookupError:  # it ended between the liveness check and now
+                log(f"the local job {entry['job_id']} of {run.run_id} had already ended")
     remaining = list(targets)
     deadline, shown = time.time() + timeout_s, time.time()
     while remaining and time.time() < deadline:

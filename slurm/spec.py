@@ -352,11 +352,17 @@ def _check_archs(runs: list[Run], src: str) -> None:
 
 def registered_archs() -> set[str]:
     """fairseq's ARCH_MODEL_REGISTRY after importing the plugin (what ``--arch`` accepts)."""
+    import sys
+
     import fairseq_plugin
-    from fairseq.models import ARCH_MODEL_REGISTRY
+
+    try:
+        from fairseq.models import ARCH_MODEL_REGISTRY
+    except ImportError as err:
+        raise SpecError(f"fairseq is not importable by {sys.executable} ({err}); run fairseq-sweep from the "
+                        "environment that has it (bash scripts/setup.sh makes .venv)") from None  # fmt: skip
 
     fairseq_plugin.register()
-
     return set(ARCH_MODEL_REGISTRY)
 
 

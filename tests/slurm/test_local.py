@@ -284,3 +284,30 @@ def test_the_demo_sweep_resolves_into_the_repository_from_anywhere(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"{REPO}/outputs/demo-data/data-bin --task masked_lm" in proc.stdout
     assert f"--save-dir {REPO}/outputs/sweeps/demo/softmax_s1/checkpoints" in proc.stdout
+
+
+def test_run_without_fairseq_is_one_line(tmp_path, corpus):
+    """fairseq-sweep run from a Python that cannot import fairseq: one line, exit 2."""
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="nofs")
+    code = ("import sys; sys.modules['fairseq'] = None  # as if not installed\n"
+            f"from slurm.cli import main; sys.exit(main(['run', {str(path)!r}]))")  # fmt: skip
+    proc = subprocess.run([PY, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith("fairseq-sweep: error: fairseq is not importable") and "scripts/setup.sh" in line, line
+    assert not (tmp_path / "sweeps").exists()
+
+
+def test_cancel_of_a_job_that_just_ended_is_not_a_traceback(tmp_path, corpus, monkeypatch, capsys):
+    """The race: a local job found alive ends before cancel signals it."""
+    from slurm import cancel as cancel_mod
+    from slurm.runs import record_jobs
+
+    sweep = load(tiny_sweep(tmp_path / "s.yaml", corpus, name="race", grid={"arch": ["softmax_transformer"]}))
+    dead = subprocess.Popen([PY, "-c", "pass"])
+    dead.wait()  # a pid that no longer exists
+    sweep.dir.mkdir(parents=True)
+    record_jobs(sweep, {"softmax_s1": {"cluster": "local", "job_id": dead.pid, "submitted": time.time()}})
+    monkeypatch.setattr(cancel_mod, "local_controller_alive", lambda sweep, job_id: True)  # alive when checked
+    assert cancel_mod.cancel(sweep, sweep.runs(), timeout_s=2) in (0, 1)
+    assert f"the local job {dead.pid} of softmax_s1 had already ended" in capsys.readouterr().out
