@@ -27,6 +27,9 @@ from ..config import add_attention_args, add_checkpointing_args, apply_attention
 from ..modules import EfficientTransformerEncoder
 
 
+ENCODER_INITS = ("bert", "default")
+
+
 class EfficientRobertaEncoder(RobertaEncoder):
     """RoBERTa's encoder (embeddings, LM head) around an :class:`EfficientTransformerEncoder`."""
 
@@ -42,6 +45,10 @@ class EfficientRobertaModel(RobertaModel):
     def add_args(parser):
         RobertaModel.add_args(parser)
         add_checkpointing_args(parser)
+        parser.add_argument("--encoder-init", choices=ENCODER_INITS, metavar="{" + ",".join(ENCODER_INITS) + "}",
+                            help="initial weights: bert (RoBERTa's N(0, 0.02)) or default (each module's own "
+                                 "reset_parameters, PyTorch's and fairseq's defaults: associative recall learns "
+                                 "on a CPU budget only with these) (default: bert)")  # fmt: skip
         add_attention_args(parser)
 
     @classmethod
@@ -57,7 +64,12 @@ class EfficientRobertaModel(RobertaModel):
         encoder = EfficientRobertaEncoder(args, task.source_dictionary)
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
-        return cls(args, encoder)
+        model = cls(args, encoder)  # RobertaModel applies init_bert_params to every module here
+        if args.encoder_init == "default":
+            for module in model.modules():
+                if module is not model and hasattr(module, "reset_parameters"):
+                    module.reset_parameters()
+        return model
 
 
 def base_architecture(args):
@@ -65,6 +77,7 @@ def base_architecture(args):
     by the efficient kernels, and off for softmax too so that every arm is the same model)."""
     apply_attention_defaults(args)
     args.attention_dropout = safe_getattr(args, "attention_dropout", 0.0)
+    args.encoder_init = safe_getattr(args, "encoder_init", "bert")
     roberta_base_architecture(args)
 
 

@@ -192,3 +192,27 @@ def test_softmax_arm_of_a_reduced_recall_sweep_beats_chance(tmp_path):
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
     assert "valid_accuracy" in (sweep_dir / "results.md").read_text()
+
+
+@pytest.mark.parametrize("init, low, high", [("bert", 0.01, 0.04), ("default", 0.5, 2.0)])
+def test_encoder_init_reaches_the_weights(tmp_path, init, low, high):
+    """--encoder-init default re-initialises every module with its own defaults (token embeddings
+    N(0, 1)); bert keeps RoBERTa's N(0, 0.02). Read back from the checkpoint of one update."""
+    from fairseq_plugin import checkpoints
+
+    proc = subprocess.run(
+        [str(BIN / "fairseq-train"), "--user-dir", str(REPO / "fairseq_plugin"), "--task", "associative_recall",
+         "--criterion", "associative_recall", "--arch", "softmax_transformer", "--encoder-init", init,
+         "--encoder-layers", "1", "--encoder-embed-dim", "32", "--encoder-ffn-embed-dim", "64",
+         "--encoder-attention-heads", "2", "--vocab-size", "16", "--num-pairs", "2", "--num-queries", "2",
+         "--tokens-per-sample", "16", "--max-positions", "16", "--train-size", "64", "--valid-size", "8",
+         "--batch-size", "8", "--optimizer", "adam", "--lr", "1e-9", "--max-update", "1", "--cpu",
+         "--required-batch-size-multiple", "1", "--num-workers", "0", "--no-progress-bar",
+         "--save-dir", str(tmp_path / "ckpt")],
+        capture_output=True, text=True, env=ENV, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    state = checkpoints.load(tmp_path / "ckpt" / "checkpoint_last.pt")
+    assert state["cfg"]["model"].encoder_init == init
+    weight = state["model"]["encoder.sentence_encoder.embed_tokens.weight"]
+    assert low < float(weight[4:].std()) < high, float(weight[4:].std())
