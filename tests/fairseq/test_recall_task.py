@@ -171,7 +171,7 @@ def test_softmax_arm_of_a_reduced_recall_sweep_beats_chance(tmp_path):
         "fairseq.max_positions=64", "fairseq.vocab_size=64", "fairseq.num_pairs=4", "fairseq.num_queries=4",
         "fairseq.max_tokens=2048", "fairseq.train_size=4000", "fairseq.valid_size=256",
         "fairseq.validate_interval_updates=100", "fairseq.save_interval_updates=100", f"budget.max_update={UPDATES}",
-        "resources.parallel=2",
+        "resources.parallel=2", "model.encoder_init=bert", "model.predict_at=value",  # the measured configuration
     ]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "slurm", "run", str(SWEEP), *overrides], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
