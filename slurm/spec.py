@@ -416,9 +416,9 @@ def value_booleans(arch: str | None) -> frozenset[str]:
     argparse options; fairseq's store-true flags (``--cpu``) are not among them."""
     import argparse
 
+    registered_archs()  # the plugin registered (or a one-line SpecError without fairseq)
     from fairseq.models import ARCH_MODEL_REGISTRY
 
-    registered_archs()
     model = ARCH_MODEL_REGISTRY.get(arch) if arch else None
     if model is None or not hasattr(model, "add_args"):
         return frozenset()
