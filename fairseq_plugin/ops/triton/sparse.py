@@ -62,6 +62,16 @@ def _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M: tl.constexpr):
 
 
 @triton.jit
+def _tile_queries(Q, bh, qidx, valid, L, E, BLOCK_E: tl.constexpr, CAST_F32: tl.constexpr):
+    """The tile's queries (BLOCK_M, BLOCK_E), zeros in padded rows and columns (fp32 when CAST_F32)."""
+    ce = tl.arange(0, BLOCK_E)
+    q = tl.load(Q + bh * L * E + (qidx[:, None] * E + ce[None, :]), mask=valid[:, None] & (ce < E)[None, :], other=0.0)
+    if CAST_F32:
+        q = q.to(tl.float32)
+    return q
+
+
+@triton.jit
 def _keys(TOP, KPM, bh, batch, j, kb, C, S, KK, BLOCK_N: tl.constexpr):
     """(key indices (BLOCK_N,) in [0, S), whether each is a real key of T_j) for chunk kb."""
     slot = kb + tl.arange(0, BLOCK_N)
@@ -90,9 +100,7 @@ def _topk_attn_fwd(
         return
     ce = tl.arange(0, BLOCK_E)
     cd = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + bh * L * E + (qidx[:, None] * E + ce[None, :]), mask=valid[:, None] & (ce < E)[None, :], other=0.0)
-    if CAST_F32:
-        q = q.to(tl.float32)
+    q = _tile_queries(Q, bh, qidx, valid, L, E, BLOCK_E, CAST_F32)
     kbase = K + bh * S * E  # per-head bases: the tile offsets below stay int32
     vbase = V + bh * S * M
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
@@ -166,9 +174,7 @@ def _topk_attn_bwd(
         return
     ce = tl.arange(0, BLOCK_E)
     cd = tl.arange(0, BLOCK_D)
-    q = tl.load(Q + bh * L * E + (qidx[:, None] * E + ce[None, :]), mask=valid[:, None] & (ce < E)[None, :], other=0.0)
-    if CAST_F32:
-        q = q.to(tl.float32)
+    q = _tile_queries(Q, bh, qidx, valid, L, E, BLOCK_E, CAST_F32)
     mass = tl.load(MASS + bh * C + j)
     dout = tl.load(DOUT + bh * L * M + (qidx[:, None] * M + cd[None, :]), mask=valid[:, None] & (cd < M)[None, :], other=0.0)
     do = (dout.to(tl.float32) * mass).to(q.dtype)  # dO' = m̂·dout, (BLOCK_M, BLOCK_D)

@@ -51,6 +51,14 @@ def _head(x, N: tl.constexpr, K: tl.constexpr):
 
 
 @triton.jit
+def _row_scores(scores, KPM, batch, S, idx, inside):
+    """(a chunk of a row's scores, -inf at padded keys and past the end; which keys are padded)."""
+    s = tl.load(scores + idx, mask=inside, other=float("-inf"))
+    padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
+    return tl.where(padded, float("-inf"), s), padded
+
+
+@triton.jit
 def _softmax_topk_kernel(
     SCORES,  # (R, S) fp32, R = N*H*C rows
     KPM,  # (N, S) int8, 1 = padded (all zeros without a mask: one config, one byte a key)
@@ -75,9 +83,7 @@ def _softmax_topk_kernel(
     for start in range(0, S, BLOCK_S):
         idx = start + lanes
         inside = idx < S
-        s = tl.load(scores + idx, mask=inside, other=float("-inf"))
-        padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
-        s = tl.where(padded, float("-inf"), s)
+        s, padded = _row_scores(scores, KPM, batch, S, idx, inside)
         m_new = tl.maximum(m_vec, s)
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         l_vec = l_vec * tl.exp(m_vec - m_safe) + tl.exp(s - m_safe)
@@ -91,9 +97,7 @@ def _softmax_topk_kernel(
     for start in range(0, S, BLOCK_S):
         idx = start + lanes
         inside = idx < S
-        s = tl.load(scores + idx, mask=inside, other=float("-inf"))
-        padded = tl.load(KPM + batch * S + idx, mask=inside, other=1) != 0
-        s = tl.where(padded, float("-inf"), s)
+        s, padded = _row_scores(scores, KPM, batch, S, idx, inside)
         w = tl.exp(s - max_safe) / row_sum
         tl.store(REST_W + row * S + idx, w, mask=inside)
         bits = tl.where(w > 0, w.to(tl.int32, bitcast=True), 0)  # monotonic in w for w >= 0; NaN -> 0
