@@ -34,7 +34,6 @@ import csv
 import json
 import math
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -344,9 +343,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     name = f"attention-{args.device}-{configs[0][0]}.csv" if len(configs) == 1 else f"attention-{args.device}.csv"
     out = args.out or Path("outputs/benchmarks") / name
     out.parent.mkdir(parents=True, exist_ok=True)
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor() or platform.machine()) \
-        if Path("/proc/cpuinfo").exists() else (platform.processor() or platform.machine())  # fmt: skip
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # a script: the repository, for experiments.*
+    from experiments.machine import cpu_model
+
+    cpu = cpu_model()
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {threads} threads"
 
     rows: List[dict] = []
