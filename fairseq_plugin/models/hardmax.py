@@ -32,12 +32,12 @@ import math
 from typing import Any, Dict, List, NamedTuple, Optional
 
 import torch
-from fairseq.logging import metrics
 from fairseq.models import BaseFairseqModel, register_model, register_model_architecture
 from torch import Tensor, nn
 
 from .. import ops
 from ..config import AttentionConfig, add_attention_args, apply_attention_defaults
+from ..modules import statistics
 from ..ops.options import OPTIONS, Option, argparse_type
 
 PURE_ATTENTION_TYPES = ("hardmax", "softmax")
@@ -161,6 +161,7 @@ class PureAttentionModel(BaseFairseqModel):
         base_architecture(args)
         if getattr(args, "max_positions", None) is None:
             args.max_positions = task.max_positions()
+        statistics.attach(task)
         return cls(args, task.source_dictionary)
 
     def max_positions(self) -> Optional[int]:
@@ -207,7 +208,7 @@ class PureAttentionModel(BaseFairseqModel):
         pooled = (traj.states[-1] * real).sum(1) / real.sum(1)  # (N, d)
         if traj.leaders:
             fraction = traj.leaders[-1].sum().to(torch.float32) / real.sum()
-            metrics.log_scalar("attn_hardmax_leaders", fraction.detach(), priority=50, round=3)
+            statistics.record("attn_hardmax_leaders", fraction)
         extra = {"pooled": pooled}
         if classification_head_name is None:
             return pooled, extra

@@ -40,6 +40,7 @@ from fairseq.modules import FairseqDropout, LayerNorm, PositionalEmbedding
 from ..config import (AttentionConfig, add_attention_args, add_checkpointing_args, apply_attention_defaults,
                       register_attention_architectures)  # fmt: skip
 from ..criterions import speech_ctc as _speech_ctc  # noqa: F401  (the criterion this model trains with)
+from ..modules import statistics
 from ..modules.encoder import build_layer
 
 CTC_BLANK = 0  # fairseq's ctc criterion: index 0 unless the task defines blank_symbol
@@ -104,6 +105,7 @@ class EfficientCTCModel(FairseqEncoderModel):
         cfg = TransformerConfig.from_namespace(args)
         input_dim = args.input_feat_per_channel * args.input_channels  # set by the speech_to_text task
         encoder = EfficientCTCEncoder(cfg, AttentionConfig.from_args(args), input_dim, task.target_dictionary)
+        statistics.attach(task)
         return cls(encoder)
 
     def forward(self, src_tokens, src_lengths, prev_output_tokens=None):

@@ -34,6 +34,7 @@ from fairseq.models.transformer import TransformerConfig
 from ..cli_errors import MissingInputError
 from ..config import (AttentionConfig, add_attention_args, add_checkpointing_args, apply_attention_defaults,
                       register_attention_architectures)  # fmt: skip
+from ..modules import statistics
 from ..modules.encoder import build_layer
 
 
@@ -58,6 +59,11 @@ class EfficientS2TTransformerModel(S2TTransformerModel):
         S2TTransformerModel.add_args(parser)
         add_checkpointing_args(parser)
         add_attention_args(parser)
+
+    @classmethod
+    def build_model(cls, args, task):
+        statistics.attach(task)  # attention statistics averaged over the workers
+        return super().build_model(args, task)
 
     @classmethod
     def build_encoder(cls, args):

@@ -24,7 +24,7 @@ from fairseq.utils import safe_getattr, safe_hasattr
 from omegaconf import OmegaConf
 
 from ..config import add_attention_args, add_checkpointing_args, apply_attention_defaults, register_attention_architectures
-from ..modules import EfficientTransformerEncoder
+from ..modules import EfficientTransformerEncoder, statistics
 
 
 ENCODER_INITS = ("bert", "default")
@@ -65,6 +65,7 @@ class EfficientRobertaModel(RobertaModel):
         if OmegaConf.is_config(args):
             OmegaConf.set_struct(args, True)
         model = cls(args, encoder)  # RobertaModel applies init_bert_params to every module here
+        statistics.attach(task)
         if args.encoder_init == "default":
             for module in model.modules():
                 if module is not model and hasattr(module, "reset_parameters"):

@@ -19,12 +19,12 @@ from typing import Optional, Tuple
 
 import torch
 import torch.nn.functional as F
-from fairseq.logging import metrics
 from fairseq.modules import MultiheadAttention
 from torch import Tensor
 
 from .. import ops
 from ..config import AttentionConfig
+from .statistics import record
 
 logger = logging.getLogger(__name__)
 
@@ -192,10 +192,10 @@ def _log_clusters(info: "ops.ClusterInfo") -> None:
     mean = counts.sum(-1) / used  # (N, H)
     var = ((counts - mean.unsqueeze(-1)).square() * nonempty).sum(-1) / used
     cv = (var.sqrt() / mean.clamp_min(1e-12)).mean()
-    metrics.log_scalar("attn_cluster_size_cv", cv.detach(), priority=50, round=3)
+    record("attn_cluster_size_cv", cv)
     if info.topk_mass is not None:
         mass = (info.topk_mass.to(torch.float32) * counts).sum() / counts.sum().clamp_min(1)
-        metrics.log_scalar("attn_topk_mass", mass.detach(), priority=50, round=3)
+        record("attn_topk_mass", mass)
 
 
 @torch.no_grad()
@@ -205,4 +205,4 @@ def _log_leaders(info: "ops.HardmaxInfo", qpm: Optional[Tensor]) -> None:
     heads, length = leaders.shape[1], leaders.shape[2]
     real = leaders.shape[0] * length if qpm is None else (~qpm).sum()
     fraction = leaders.sum().to(torch.float32) / (real * heads)
-    metrics.log_scalar("attn_hardmax_leaders", fraction.detach(), priority=50, round=3)
+    record("attn_hardmax_leaders", fraction)
