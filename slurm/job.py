@@ -22,7 +22,6 @@ import subprocess
 import sys
 import time
 import zipfile
-import zlib
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from typing import Any
 import submitit
 from submitit.helpers import Checkpointable, DelayedSubmission
 
+from . import rendezvous
 from .runs import FAILED, FINISHED, REQUEUED, RUNNING, read_json, update_result
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,8 +103,8 @@ class TrainJob(Checkpointable):
         argv = list(spec["argv"])
         if world > 1:
             # One task per GPU (or per CPU rank with gloo); fairseq is told, not left to guess.
-            port = 20000 + zlib.crc32(f"{env.job_id}".encode()) % 20000
-            master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]
+            master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]  # rank 0's host
+            master, port = rendezvous.endpoint(run_dir, env.job_id, rank, master)  # a port no other job holds
             argv += ["--distributed-world-size", str(world), "--distributed-rank", str(rank),
                      "--device-id", str(local_rank), "--distributed-init-method", f"tcp://{master}:{port}",
                      "--distributed-no-spawn"]  # fmt: skip
@@ -122,8 +122,8 @@ class TrainJob(Checkpointable):
                 attention=spec["attention"], args=spec["args"], attempts=attempt, job_id=env.job_id,
                 restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), world_size=world,
                 gpus=spec["gpus"], resources=spec.get("resources"), command=command, git_commit=_git_commit(),
-                versions=_versions(), hostname=platform.node(), attempt_started_at=start, error=None,
-                exit_code=None, cancelled_at=None,
+                versions=_versions(), hostname=platform.node(), nodes=list(env.hostnames), attempt_started_at=start,
+                error=None, exit_code=None, cancelled_at=None,
             )  # fmt: skip
         else:
             note = None
