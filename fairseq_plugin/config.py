@@ -88,8 +88,8 @@ class AttentionConfig:
     hardmax_tie_tolerance: float = _from_ops("tie_tolerance")
     attention_stats: bool = _option(
         True,
-        "log attention statistics as fairseq metrics: attn_cluster_size_cv (clustered, i_clustered), "
-        "attn_topk_mass (i_clustered), attn_hardmax_leaders (hardmax)",
+        "log attention statistics as fairseq metrics, averaged over all workers: attn_cluster_size_cv "
+        "(clustered, i_clustered), attn_topk_mass (i_clustered), attn_hardmax_leaders (hardmax)",
         _bool,
         "{true,false}",
     )

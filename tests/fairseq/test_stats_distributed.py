@@ -1,6 +1,7 @@
 """Attention statistics are averaged over the data-parallel workers, as fairseq's loss is.
 
-A real two-rank fairseq-train (CPU, gloo, one process per rank started here with
+The plugin side first, in process: every wrapped step carries every statistic, and reduce averages.
+Then a real two-rank fairseq-train (CPU, gloo, one process per rank started here with
 ``--distributed-no-spawn``) on three one-line samples, one sample a batch: update 1 trains rank 0
 on batch 0 and rank 1 on batch 1; update 2 trains rank 0 on batch 2 while rank 1, out of data,
 runs fairseq's dummy batch, whose logging output the trainer zeroes. With ``--lr 0`` and no
@@ -21,6 +22,7 @@ from pathlib import Path
 from typing import List
 
 import pytest
+import torch
 
 from .data import preprocess, write_lines
 from .runs import Run
@@ -48,6 +50,44 @@ def arguments(data: Path, save_dir: Path) -> List[str]:
         "--no-save", "--num-workers", "0", "--no-progress-bar", "--log-format", "json", "--log-interval", "1",
         "--save-dir", str(save_dir),
     ]  # fmt: skip
+
+
+class StubTask:
+    """The three task methods fairseq's trainer calls; a 'model' is a callable that records."""
+
+    def train_step(self, sample, model, *args, **kwargs):
+        model()
+        return 0.0, 1, {"loss": 1.0}
+
+    valid_step = train_step
+
+    def reduce_metrics(self, logging_outputs, criterion):
+        pass
+
+
+def test_every_step_carries_every_statistic_and_reduce_averages_them():
+    """The keys of a step's logging output must agree on every rank (fairseq all-reduces one dict),
+    whatever the attention type: all statistics, as plain numbers, zeros where unused."""
+    from fairseq.logging import metrics
+
+    from fairseq_plugin.modules import statistics
+
+    task = StubTask()
+    statistics.attach(task)
+    statistics.attach(task)  # idempotent: a second model built by the same task wraps nothing twice
+    steps = [
+        task.train_step(None, lambda: [statistics.record("attn_topk_mass", torch.tensor(v)) for v in (0.2, 0.4)]),
+        task.valid_step(None, lambda: statistics.record("attn_topk_mass", torch.tensor(0.9))),
+        task.train_step(None, lambda: None),  # softmax: records nothing, still every key
+    ]
+    keys = {"loss"} | {f(n) for n in statistics.STATISTICS for f in (statistics.sum_key, statistics.count_key)}
+    for _, _, out in steps:
+        assert set(out) == keys and all(type(v) in (int, float) for v in out.values()), out
+    assert steps[0][2][statistics.count_key("attn_topk_mass")] == 2
+    with metrics.aggregate(new_root=True) as agg:
+        task.reduce_metrics([out for _, _, out in steps], None)
+        values = agg.get_smoothed_values()
+    assert values == {"attn_topk_mass": pytest.approx((0.2 + 0.4 + 0.9) / 3, abs=1e-3)}  # the others: no value
 
 
 def free_port() -> int:
