@@ -17,20 +17,21 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+from typing import Any, NoReturn
+
 from . import report as report_mod
-from .cancel import cancel, is_alive, local_controller_alive, slurm_states
-from .job import fairseq_train_path
-from .launch import (Interrupted, Launch, SubmissionError, _call, describe, interrupt_on_sigterm, job_spec, log,
-                     resource_groups)  # fmt: skip
-from .runs import FAILED, FINISHED, LockedError, read_jobs, read_result, sweep_lock, write_json
-from .spec import REPO, SpecError, Sweep, data_ready, expand, load, placeholders, sweep_dir
+from .backends import BACKENDS, Backend, backend, describe, live_states
+from .cancel import cancel
+from .launch import NOT_WAITED, Interrupted, Launch, Outcome, SubmissionError, _call, interrupt_on_sigterm, resource_groups
+from .runs import CANCELLED, FAILED, FINISHED, LockedError, log, read_jobs, read_result, sweep_lock, write_json
+from .spec import REPO, Run, SpecError, Sweep, data_ready, expand, fairseq_command, job_spec, load, placeholders, sweep_dir
 
 __all__ = ["main", "_call"]  # _call: jobs pickled by earlier versions name slurm.cli._call
 
 
 def prepare_data(sweep: Sweep) -> None:
     """Run ``data.prepare`` when ``data.path`` holds no dictionary, showing its output as it goes."""
-    if sweep.data_path is None or data_ready(sweep.data_path):
+    if sweep.data_path is None or data_ready(sweep.data_path) or not sweep.data_prepare:
         return
     command = placeholders(sweep.data_prepare, quote=True)
     log(f"preparing data (data.prepare, in {sweep_dir(sweep.source)}): {command}")
@@ -39,6 +40,7 @@ def prepare_data(sweep: Sweep) -> None:
     proc = subprocess.Popen(command, shell=True, cwd=sweep_dir(sweep.source), env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     tail: list[str] = []
+    assert proc.stdout is not None  # stdout=PIPE
     for line in proc.stdout:
         print(f"  | {line.rstrip()}", flush=True)
         tail = (tail + [line.strip()])[-5:]
@@ -48,38 +50,26 @@ def prepare_data(sweep: Sweep) -> None:
                         f"{sweep.data_path / 'dict.txt'}: {' | '.join(tail)}")  # fmt: skip
 
 
-def live_states(sweep: Sweep) -> dict[str, str]:
-    """run id -> the scheduler's view of its latest job: SLURM jobs (one squeue, one sacct call), local ones."""
-    jobs = read_jobs(sweep)
-    slurm = {run_id: str(e["job_id"]) for run_id, e in jobs.items() if e.get("cluster") == "slurm"}
-    try:
-        states = slurm_states(sweep, list(slurm.values()))
-    except Exception:  # noqa: BLE001  (no SLURM client here: unknown)
-        states = {}
-    out = {run_id: states[job_id] for run_id, job_id in slurm.items() if states.get(job_id)}
-    for run_id, entry in jobs.items():
-        if entry.get("cluster") == "local":
-            out[run_id] = "RUNNING" if local_controller_alive(sweep, str(entry["job_id"])) else "GONE"
-    return out
-
-
 def cmd_run(sweep: Sweep, args: argparse.Namespace) -> int:
+    chosen = backend(args.cluster)  # the one place a --cluster name becomes behaviour
     runs = sweep.runs()
-    with sweep_lock(sweep, args.cluster):
-        live = live_states(sweep)
-        todo, skipped, alive = [], [], []
+    with sweep_lock(sweep, chosen.name):
+        live = live_states(sweep, read_jobs(sweep))
+        todo: list[Run] = []
+        skipped: list[Run] = []
+        alive: list[Run] = []
         for run in runs:
             if (read_result(sweep, run) or {}).get("state") == FINISHED:
                 skipped.append(run)
-            elif is_alive(live.get(run.run_id)):  # a queued/running SLURM job, or a local one left by a dead launch
+            elif _alive(live.get(run.run_id)):  # a queued/running SLURM job, or a local one left by a dead launch
                 alive.append(run)
             else:
                 todo.append(run)
         configs = len({r.arm for r in expand(sweep)})
         sampled = len({r.arm for r in runs})
         if sampled < configs:
-            log(f"trials: {sampled} of {configs} configurations drawn with seed {sweep.trials['seed']} "
-                f"(trials.num={sweep.trials['num']}): {', '.join(dict.fromkeys(r.arm for r in runs))}")  # fmt: skip
+            log(f"trials: {sampled} of {configs} configurations drawn with seed {sweep.trials.seed} "
+                f"(trials.num={sweep.trials.num}): {', '.join(dict.fromkeys(r.arm for r in runs))}")  # fmt: skip
         verb = "launch (dry run: nothing is launched)" if args.dry_run else "launch"
         log(f"{sweep.name}: {len(runs)} runs, {len(skipped)} finished (skipped), {len(alive)} queued or running "
             f"(left alone), {len(todo)} to {verb}")  # fmt: skip
@@ -87,26 +77,26 @@ def cmd_run(sweep: Sweep, args: argparse.Namespace) -> int:
             if sweep.data_path is not None and not data_ready(sweep.data_path):
                 log(f"data.prepare would run first: {sweep.data_prepare}")
             for resources, group in resource_groups(todo):
-                how = "one job array" if args.cluster == "slurm" else "jobs"
-                print(f"# {len(group)} run(s) as {how}: {describe(resources)}")
+                print(f"# {len(group)} run(s) as {chosen.batch}: {describe(resources)}")
                 for run in group:
-                    print(run.run_id, shlex.join([fairseq_train_path(), *job_spec(sweep, run)["argv"]]))
+                    print(run.run_id, shlex.join(fairseq_command(job_spec(sweep, run))))
             return 0
         prepare_data(sweep)
         write_json(sweep.dir / "sweep.json", {"source": str(sweep.source), "config": sweep.config})
-        outcomes, interrupted = [], False
-        wait = args.wait or args.cluster != "slurm"
+        outcomes: list[Outcome] = []
+        interrupted = False
+        wait = args.wait or not chosen.detached
         if todo:
-            cpus = max(r.resources["cpus_per_task"] for r in todo)
-            parallel = sweep.resources["parallel"] or max(1, (os.cpu_count() or 1) // cpus)
-            launch = Launch(sweep, todo, args.cluster, parallel, progress_s=args.progress_every)
+            cpus = max(r.resources.cpus_per_task for r in todo)
+            parallel = sweep.resources.parallel or max(1, (os.cpu_count() or 1) // cpus)
+            launch = Launch(sweep, todo, chosen, parallel, progress_s=args.progress_every)
             with interrupt_on_sigterm():  # fairseq-sweep cancel stops a local/debug launch with SIGTERM
                 outcomes = launch.go(wait)
             interrupted = launch.interrupted
     if (wait and not interrupted) or not todo:
         print()
         report_mod.report(sweep, quiet=False)
-    failed = [o for o in outcomes if o.state not in (FINISHED, "submitted")]
+    failed = [o for o in outcomes if o.state not in (FINISHED, NOT_WAITED)]
     if failed:
         print(f"\n{len(failed)} of {len(outcomes)} launched run(s) did not finish:")
         for outcome in failed:
@@ -120,22 +110,40 @@ def cmd_run(sweep: Sweep, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+def _alive(live: tuple[Backend, str] | None) -> bool:
+    return live is not None and live[0].alive(live[1])
+
+
+def _nodes(result: dict[str, Any]) -> str:
+    """The nodes a run used, as result.json records them (a list; absent for older runs)."""
+    nodes = result.get("nodes")
+    if isinstance(nodes, (list, tuple)):
+        return ",".join(map(str, nodes))
+    return "" if nodes is None else str(nodes)
+
+
 def cmd_status(sweep: Sweep, args: argparse.Namespace) -> int:
     jobs = read_jobs(sweep)
-    live = live_states(sweep)
-    rows, counts = [], Counter()
+    live = live_states(sweep, jobs)
+    rows: list[list[str]] = []
+    counts: Counter[str] = Counter()
+    nodes: list[str] = []
     for run in sweep.runs():
         result = read_result(sweep, run) or {}
         entry = jobs.get(run.run_id, {})
-        state = result.get("state") or ("queued" if is_alive(live.get(run.run_id)) else "not started")
+        state = result.get("state") or ("queued" if _alive(live.get(run.run_id)) else "not started")
         counts[state] += 1
         now = live.get(run.run_id)
-        if now and state not in (FINISHED, FAILED, "cancelled"):
-            state = f"{state} ({entry.get('cluster')}: {now.split()[0]})"
+        if now and state not in (FINISHED, FAILED, CANCELLED):
+            state = f"{state} ({now[0].name}: {now[1].split()[0]})"
         best, wall = result.get("best_metric"), result.get("wall_time_s")
         rows.append([run.run_id, state, str(result.get("updates", "")), "" if best is None else f"{best:.4f}",
                      "" if wall is None else f"{wall:.0f}", str(entry.get("job_id", ""))])  # fmt: skip
-    header = ["run", "state", "updates", f"best {sweep.metric['split']}_{sweep.metric['name']}", "wall (s)", "job"]
+        nodes.append(_nodes(result))
+    header = ["run", "state", "updates", f"best {sweep.metric.key}", "wall (s)", "job"]
+    if any(nodes):  # runs recorded by launchers that know where a job ran
+        header.append("nodes")
+        rows = [row + [where] for row, where in zip(rows, nodes)]
     print(report_mod.text_table(header, rows))
     print(f"\n{len(rows)} runs: " + ", ".join(f"{n} {s}" for s, n in counts.most_common()))
     return 0
@@ -150,14 +158,20 @@ def cmd_report(sweep: Sweep, args: argparse.Namespace) -> int:
     return 0
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (the error and where to read more), not the usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message}; see {self.prog} --help\n")
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="fairseq-sweep", description="Run, watch, report and cancel fairseq sweeps.",
-                                     epilog="exit status: 0 ok, 1 a run failed or was cancelled, 2 bad input, "
-                                            "130 interrupted")  # fmt: skip
+    parser = _Parser(prog="fairseq-sweep", description="Run, watch, report and cancel fairseq sweeps.",
+                     epilog="exit status: 0 ok, 1 a run failed or was cancelled, 2 bad input, 130 interrupted")  # fmt: skip
     parser.add_argument("command", choices=("run", "status", "report", "cancel"))
     parser.add_argument("sweep", type=Path, help="sweep file (YAML), e.g. experiments/demo.yaml")
     parser.add_argument("overrides", nargs="*", help="OmegaConf dotlist overrides, e.g. model.clusters=200")
-    parser.add_argument("--cluster", choices=("local", "slurm", "debug"), default="local",
+    parser.add_argument("--cluster", choices=tuple(BACKENDS), default="local",
                         help="local: subprocesses (default); slurm: job arrays; debug: in this process, one by one")
     parser.add_argument("--partition", help="SLURM partition (overrides resources.partition)")
     parser.add_argument("--gpus-per-node", type=int, help="overrides resources.gpus_per_node (one task per GPU)")

@@ -19,7 +19,6 @@ import os
 import platform
 import signal
 import subprocess
-import sys
 import time
 import zipfile
 from importlib import metadata
@@ -31,6 +30,7 @@ from submitit.helpers import Checkpointable, DelayedSubmission
 
 from . import rendezvous
 from .runs import FAILED, FINISHED, REQUEUED, RUNNING, read_json, update_result
+from .spec import JobSpec, Placement, fairseq_command
 
 REPO = Path(__file__).resolve().parents[1]
 SIGNAL_GRACE_S = 30
@@ -55,7 +55,7 @@ def _git_commit() -> str | None:
         return None
 
 
-def parse_log(path: Path, metric: str = "loss", split: str = "valid", lower_is_better: bool = True) -> dict:
+def parse_log(path: Path, metric: str = "loss", split: str = "valid", lower_is_better: bool = True) -> dict[str, Any]:
     """Metrics from fairseq's ``--log-format json`` lines: final/best metric, updates, tokens/s."""
     final = best = None
     updates = 0
@@ -87,9 +87,9 @@ def parse_log(path: Path, metric: str = "loss", split: str = "valid", lower_is_b
 
 
 class TrainJob(Checkpointable):
-    """Runs one sweep run. ``spec`` is plain data (see ``slurm.launch.job_spec``)."""
+    """Runs one sweep run. ``spec`` is plain data (:func:`slurm.spec.job_spec`)."""
 
-    def __init__(self, spec: dict[str, Any]):
+    def __init__(self, spec: JobSpec):
         self.spec = spec
 
     # -- the job --------------------------------------------------------------------------------
@@ -97,20 +97,16 @@ class TrainJob(Checkpointable):
         spec = self.spec
         env = submitit.JobEnvironment()
         rank, world, local_rank = env.global_rank, env.num_tasks, env.local_rank
-        run_dir = Path(spec["run_dir"])
+        run_dir = spec.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         result_path = run_dir / "result.json"
-        argv = list(spec["argv"])
+        place = Placement()
         if world > 1:
             # One task per GPU (or per CPU rank with gloo); fairseq is told, not left to guess.
             master = "127.0.0.1" if env.num_nodes == 1 else env.hostnames[0]  # rank 0's host
             master, port = rendezvous.endpoint(run_dir, env.job_id, rank, master)  # a port no other job holds
-            argv += ["--distributed-world-size", str(world), "--distributed-rank", str(rank),
-                     "--device-id", str(local_rank), "--distributed-init-method", f"tcp://{master}:{port}",
-                     "--distributed-no-spawn"]  # fmt: skip
-            if not spec["gpus"]:
-                argv += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
-        command = [spec["fairseq_train"], *argv]
+            place = Placement(world=world, rank=rank, local_rank=local_rank, init_method=f"tcp://{master}:{port}")
+        command = fairseq_command(spec, place)
         log_path = run_dir / ("train.log" if rank == 0 else f"train.rank{rank}.log")
         start = time.time()
         previous = read_json(result_path) or {}
@@ -118,16 +114,16 @@ class TrainJob(Checkpointable):
         if rank == 0:
             note = repair_last_checkpoint(run_dir / "checkpoints")
             update_result(
-                result_path, state=RUNNING, run_id=spec["run_id"], arm=spec["arm"], seed=spec["seed"],
-                attention=spec["attention"], args=spec["args"], attempts=attempt, job_id=env.job_id,
+                result_path, state=RUNNING, run_id=spec.run_id, arm=spec.arm, seed=spec.seed,
+                attention=spec.attention, args=spec.args, attempts=attempt, job_id=env.job_id,
                 restart_count=int(os.environ.get("SLURM_RESTART_COUNT", 0)), world_size=world,
-                gpus=spec["gpus"], resources=spec.get("resources"), command=command, git_commit=_git_commit(),
+                gpus=spec.gpus, resources=spec.resources.of_job(), command=command, git_commit=_git_commit(),
                 versions=_versions(), hostname=platform.node(), nodes=list(env.hostnames), attempt_started_at=start,
                 error=None, exit_code=None, cancelled_at=None,
             )  # fmt: skip
         else:
             note = None
-        child_env = {**os.environ, "OMP_NUM_THREADS": str(spec.get("threads", 1)), "PYTHONUNBUFFERED": "1"}
+        child_env = {**os.environ, "OMP_NUM_THREADS": str(spec.threads), "PYTHONUNBUFFERED": "1"}
         with log_path.open("a") as sink:
             sink.write(f"\n===== attempt {attempt} | job {env.job_id} | rank {rank}/{world} | {time.ctime()} =====\n")
             sink.write(" ".join(command) + "\n")
@@ -157,13 +153,13 @@ class TrainJob(Checkpointable):
                 raise RuntimeError(f"fairseq-train rank {rank} failed (exit {code}); see {log_path}")
             return {"rank": rank, "exit": code}
         wall = float(previous.get("wall_time_s", 0.0)) + elapsed
-        devices = spec["gpus"]
-        metrics = parse_log(log_path, **spec["metric"])
+        devices = spec.gpus
+        metrics = parse_log(log_path, spec.metric.name, spec.metric.split, spec.metric.lower_is_better)
         if code != 0:
             tail = log_path.read_text(errors="replace").splitlines()[-30:]
             update_result(result_path, state=FAILED, exit_code=code, error="\n".join(tail), wall_time_s=round(wall, 2),
                           gpu_hours=round(wall * devices / 3600, 6), **metrics)  # fmt: skip
-            raise RuntimeError(f"fairseq-train failed (exit {code}) for run {spec['run_id']}; see {log_path}")
+            raise RuntimeError(f"fairseq-train failed (exit {code}) for run {spec.run_id}; see {log_path}")
         return update_result(
             result_path, state=FINISHED, exit_code=0, wall_time_s=round(wall, 2),
             gpu_hours=round(wall * devices / 3600, 6), cpu_task_hours=round(wall * world / 3600, 6),
@@ -186,7 +182,7 @@ class TrainJob(Checkpointable):
         return DelayedSubmission(TrainJob(self.spec), *args, **kwargs)
 
 
-def _stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+def _stop(proc: subprocess.Popen[Any], grace: float = 10.0) -> None:
     if proc.poll() is not None:
         return
     try:
@@ -225,11 +221,6 @@ def repair_last_checkpoint(folder: Path) -> str | None:
     tmp.write_bytes(candidates[-1].read_bytes())
     os.replace(tmp, last)
     return f"checkpoint_last.pt was truncated (kept as {broken.name}); restored from {candidates[-1].name}"
-
-
-def fairseq_train_path() -> str:
-    exe = Path(sys.executable).parent / "fairseq-train"
-    return str(exe) if exe.is_file() else "fairseq-train"
 
 
 def probe() -> dict[str, Any]:

@@ -12,11 +12,12 @@ import math
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .runs import FINISHED, read_result, tb_dir
 from .spec import Sweep
 
+Point = tuple[int, float, float]  # (step, wall time, value) of a TensorBoard scalar
 CSV_FIELDS = ["run_id", "arm", "attention", "seed", "state", "final_metric", "best_metric", "updates", "wall_time_s",
               "gpu_hours", "tokens_per_s", "attempts", "job_id", "error"]  # fmt: skip
 
@@ -27,7 +28,7 @@ def text_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
 
 
-def curves(sweep: Sweep, run_id: str, tag: str) -> list[tuple[int, float, float]]:
+def curves(sweep: Sweep, run_id: str, tag: str) -> list[Point]:
     """(step, wall_time, value) of one scalar from a run's TensorBoard events (all splits tried)."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -70,16 +71,16 @@ def report(sweep: Sweep, quiet: bool = True) -> dict[str, Path]:
     out = sweep.dir
     out.mkdir(parents=True, exist_ok=True)
     rows = collect(sweep)
-    metric = f"{sweep.metric['split']}_{sweep.metric['name']}"
+    metric = sweep.metric.key
     with (out / "results.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS)
         writer.writeheader()
         writer.writerows(rows)
 
-    by_arm: dict[str, list[dict]] = defaultdict(list)
+    by_arm: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_arm[row["arm"]].append(row)
-    direction = "lower" if sweep.metric["lower_is_better"] else "higher"
+    direction = "lower" if sweep.metric.lower_is_better else "higher"
     header = ["arm", "attention", "seeds done", f"final {metric}", f"best {metric}", "updates", "wall time (s)",
               "GPU-hours", "tokens/s"]  # fmt: skip
     table = []
@@ -108,7 +109,7 @@ def report(sweep: Sweep, quiet: bool = True) -> dict[str, Path]:
     return {"csv": out / "results.csv", "md": out / "results.md", **plots}
 
 
-def _plots(sweep: Sweep, rows: list[dict], metric: str) -> dict[str, Path]:
+def _plots(sweep: Sweep, rows: list[dict[str, Any]], metric: str) -> dict[str, Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -118,21 +119,22 @@ def _plots(sweep: Sweep, rows: list[dict], metric: str) -> dict[str, Path]:
     plot_dir.mkdir(exist_ok=True)
     kinds = sorted({r["attention"] for r in rows})
     colors = {k: plt.cm.tab10(i % 10) for i, k in enumerate(kinds)}
-    tag = f"{sweep.metric['split']}/{sweep.metric['name']}"
+    tag = f"{sweep.metric.split}/{sweep.metric.name}"
 
-    def elapsed(row: dict, points: list) -> tuple[list, list]:
+    def elapsed(row: dict[str, Any], points: list[Point]) -> tuple[list[float], list[float]]:
         # The paper's speed-accuracy view: the metric against elapsed wall-clock per run
         # (TensorBoard event times, from the run's first logged training step).
         starts = curves(sweep, row["run_id"], "train_inner/loss")
         t0 = min([p[1] for p in starts] + [points[0][1]])
         return [p[1] - t0 for p in points], [p[2] for p in points]
 
-    def by_update(row: dict, points: list) -> tuple[list, list]:
+    def by_update(row: dict[str, Any], points: list[Point]) -> tuple[list[float], list[float]]:
         return [p[0] for p in points], [p[2] for p in points]
 
-    def plot(xy, xlabel: str, title: str, name: str, mark_last: bool) -> Path:
+    def plot(xy: Callable[[dict[str, Any], list[Point]], tuple[list[float], list[float]]], xlabel: str, title: str,
+             name: str, mark_last: bool) -> Path:
         fig, ax = plt.subplots(figsize=(6, 4))
-        labelled: set = set()
+        labelled: set[str] = set()
         for row in rows:
             points = curves(sweep, row["run_id"], tag)
             if not points:
@@ -169,7 +171,7 @@ def _plots(sweep: Sweep, rows: list[dict], metric: str) -> dict[str, Path]:
     return plots
 
 
-def _plot_against(sweep: Sweep, rows: list[dict], metric: str, key: str, path: Path, plt) -> Path:
+def _plot_against(sweep: Sweep, rows: list[dict[str, Any]], metric: str, key: str, path: Path, plt: Any) -> Path:
     """The best metric of the finished runs against a numeric grid key: one line per configuration
     (the arm without that key), mean over seeds, seeds as dots."""
     runs = {run.run_id: run for run in sweep.runs()}

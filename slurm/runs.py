@@ -41,12 +41,17 @@ class LockedError(RuntimeError):
     pass
 
 
+def log(message: str) -> None:
+    """A line of the launcher's own output (``[sweep] ...``)."""
+    print(f"[sweep] {message}", flush=True)
+
+
 def run_dir(sweep: Sweep, run: Run) -> Path:
-    return sweep.dir / run.run_id
+    return sweep.run_dir(run)
 
 
 def tb_dir(sweep: Sweep, run: Run) -> Path:
-    return sweep.dir / "tb" / run.run_id
+    return sweep.tb_dir(run)
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -67,14 +72,14 @@ def write_json(path: Path, data: Any) -> None:
         raise
 
 
-def read_json(path: Path) -> dict | None:
+def read_json(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None
 
 
-def read_result(sweep: Sweep, run: Run) -> dict | None:
+def read_result(sweep: Sweep, run: Run) -> dict[str, Any] | None:
     return read_json(run_dir(sweep, run) / "result.json")
 
 
@@ -90,7 +95,7 @@ def file_lock(path: Path) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def update_result(path: Path, when: Callable[[dict], bool] | None = None, **fields: Any) -> dict:
+def update_result(path: Path, when: Callable[[dict[str, Any]], bool] | None = None, **fields: Any) -> dict[str, Any]:
     """Merge ``fields`` into the JSON file at ``path`` (atomic, locked).
 
     ``when``: a test of the current content; when it fails the file is left alone (a job that
@@ -161,11 +166,11 @@ def jobs_file(sweep: Sweep) -> Path:
     return sweep.dir / "jobs.json"
 
 
-def read_jobs(sweep: Sweep) -> dict:
+def read_jobs(sweep: Sweep) -> dict[str, dict[str, Any]]:
     return read_json(jobs_file(sweep)) or {}
 
 
-def record_jobs(sweep: Sweep, entries: dict[str, dict], merge: bool = False) -> None:
+def record_jobs(sweep: Sweep, entries: dict[str, dict[str, Any]], merge: bool = False) -> None:
     """Set (or with ``merge``, update) the jobs.json entries of some runs."""
     with file_lock(jobs_file(sweep)):
         jobs = read_jobs(sweep)

@@ -31,7 +31,7 @@ directory of the sweep file. ``data.prepare`` runs there, with the repository on
 
 fairseq arguments are written with underscores or dashes (``max_tokens`` = ``max-tokens``);
 ``true`` becomes a bare flag, ``false``/``null`` drops it (the plugin's value-taking booleans are
-written ``--hash-bias false``: :func:`fairseq_argv`), a list becomes several values.
+written ``--hash-bias false``: :func:`fairseq_command`), a list becomes several values.
 """
 
 from __future__ import annotations
@@ -40,9 +40,9 @@ import functools
 import itertools
 import random
 import re
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -52,27 +52,81 @@ TOP_KEYS = {"name", "root", "task", "data", "fairseq", "model", "grid", "arms", 
             "trials"}  # fmt: skip
 REQUIRED = ("name", "task")
 DATA_KEYS = {"path", "prepare"}
-RESOURCE_DEFAULTS: dict[str, Any] = {
-    "gpus_per_node": 0,
-    "nodes": 1,
-    "tasks_per_node": 1,  # CPU jobs: ranks per node; with GPUs it is gpus_per_node (one task per GPU)
-    "cpus_per_task": 1,
-    "mem_gb": 4,
-    "time_min": 60,
-    "partition": None,
-    "account": None,
-    "qos": None,
-    "constraint": None,
-    "signal_delay_s": 30,
-    "parallel": None,  # local/debug: jobs at a time (default: cores // cpus_per_task); SLURM schedules itself
-}
-BUDGET_DEFAULTS: dict[str, Any] = {"max_update": None, "max_epoch": None, "wall_minutes": None, "gpu_hours": None}
-METRIC_DEFAULTS: dict[str, Any] = {"name": "loss", "split": "valid", "lower_is_better": True}
-TRIALS_DEFAULTS: dict[str, Any] = {"num": -1, "seed": 0}  # -1 = every configuration
+@dataclass(frozen=True)
+class Resources:
+    """What one job of a run asks the scheduler for (``resources:``, an arm's overrides merged in)."""
+
+    gpus_per_node: int = 0
+    nodes: int = 1
+    tasks_per_node: int = 1  # CPU jobs: ranks per node; with GPUs it is gpus_per_node (one task per GPU)
+    cpus_per_task: int = 1
+    mem_gb: float = 4
+    time_min: int = 60
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    constraint: str | None = None
+    signal_delay_s: int = 30
+    parallel: int | None = None  # local/debug: jobs at a time (default: cores // cpus_per_task); SLURM schedules itself
+
+    @property
+    def tasks(self) -> int:
+        """Tasks per node: one per GPU, else ``tasks_per_node`` CPU ranks."""
+        return self.gpus_per_node or self.tasks_per_node
+
+    @property
+    def gpus(self) -> int:
+        return self.gpus_per_node * self.nodes
+
+    def of_job(self) -> dict[str, Any]:
+        """As recorded in result.json (``parallel`` is the launcher's, not the job's)."""
+        return {k: v for k, v in asdict(self).items() if k != "parallel"}
+
+
+@dataclass(frozen=True)
+class Budget:
+    """When a run stops; ``wall_minutes`` and ``gpu_hours`` become ``--stop-time-hours``."""
+
+    max_update: int | None = None
+    max_epoch: int | None = None
+    wall_minutes: float | None = None
+    gpu_hours: float | None = None
+
+
+@dataclass(frozen=True)
+class Metric:
+    """The metric that ``best``/``final`` and the report are about: fairseq's ``<split>_<name>``."""
+
+    name: str = "loss"
+    split: str = "valid"
+    lower_is_better: bool = True
+
+    @property
+    def key(self) -> str:
+        return f"{self.split}_{self.name}"
+
+
+@dataclass(frozen=True)
+class Trials:
+    """fb_sweep's ``--num-trials``: ``num`` configurations drawn with ``seed``; -1 = every configuration."""
+
+    num: int = -1
+    seed: int = 0
+
+
+def _defaults(cls: type) -> dict[str, Any]:
+    return {f.name: f.default for f in fields(cls)}
+
+
+RESOURCE_DEFAULTS = _defaults(Resources)  # the dataclasses are the one source of the defaults
+BUDGET_DEFAULTS = _defaults(Budget)
+METRIC_DEFAULTS = _defaults(Metric)
+TRIALS_DEFAULTS = _defaults(Trials)
 SWEEP_ONLY_RESOURCES = {"parallel"}  # launcher-wide, not per job: an arm cannot set it
 # Arguments the launcher owns; setting them in the sweep would break resume or the run layout.
 RESERVED = {"save_dir", "tensorboard_logdir", "user_dir", "task", "seed", "log_format", "distributed_world_size",
             "distributed_rank", "distributed_init_method", "device_id", "max_update", "max_epoch", "stop_time_hours"}  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]  # this repository (where experiments/ lives)
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.=-]*$")
 
 
@@ -88,7 +142,7 @@ class Run:
     arm: str
     seed: int
     args: dict[str, Any]  # fairseq arguments (underscored keys) beyond the base ones
-    resources: dict[str, Any] = field(default_factory=dict)  # the sweep's, with the arm's overrides
+    resources: Resources = Resources()  # the sweep's, with the arm's overrides
 
     @property
     def attention(self) -> str:
@@ -110,13 +164,13 @@ class Sweep:
     data_path: Path | None
     data_prepare: str | None
     base: dict[str, Any]
-    grid: dict[str, list]
+    grid: dict[str, list[Any]]
     arms: list[tuple[dict[str, Any], dict[str, Any]]]  # (fairseq args + optional "__name__", resource overrides)
     seeds: list[int]
-    resources: dict[str, Any]
-    budget: dict[str, Any]
-    metric: dict[str, Any]
-    trials: dict[str, Any] = field(default_factory=lambda: dict(TRIALS_DEFAULTS))
+    resources: Resources
+    budget: Budget
+    metric: Metric
+    trials: Trials = Trials()
     source: Path | None = None
     config: dict[str, Any] = field(default_factory=dict)  # the resolved file, for the record
 
@@ -124,9 +178,15 @@ class Sweep:
     def dir(self) -> Path:
         return self.root / self.name
 
+    def run_dir(self, run: Run) -> Path:
+        return self.dir / run.run_id
+
+    def tb_dir(self, run: Run) -> Path:
+        return self.dir / "tb" / run.run_id
+
     def runs(self) -> list[Run]:
         """The runs this sweep launches, reports and cancels: every run, or the sampled trials."""
-        return sample(expand(self), self.trials["num"], self.trials["seed"])
+        return sample(expand(self), self.trials.num, self.trials.seed)
 
 
 def data_ready(path: Path) -> bool:
@@ -145,11 +205,11 @@ def _plain(node: Any) -> Any:
     return node
 
 
-def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool = True, check_data: bool = True) -> Sweep:
+def load(path: str | Path, overrides: Sequence[str] = (), check_arch: bool = True, check_data: bool = True) -> Sweep:
     """Read, override, validate and return a sweep; raises :class:`SpecError` (one line)."""
     path = Path(path)
     if not path.is_file():
-        raise SpecError(f"{path}: no such sweep file")
+        raise SpecError(f"{path}: no such sweep file (give the path of a sweep YAML file, e.g. experiments/demo.yaml)")
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
@@ -161,7 +221,7 @@ def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool =
     if not isinstance(raw, dict):
         raise SpecError(f"{path}: a sweep file is a mapping of keys (name, task, ...), got {type(raw).__name__}")
     try:
-        cfg = OmegaConf.create(raw)
+        cfg: DictConfig | ListConfig = OmegaConf.create(raw)
         for item in overrides:
             if "=" not in item:
                 raise SpecError(f"override {item!r}: expected KEY=VALUE (an OmegaConf dotlist item)")
@@ -176,14 +236,13 @@ def load(path: str | Path, overrides: list[str] | tuple = (), check_arch: bool =
                                 f"inside the shell's quotes, e.g. '{key}=\"...\"'") from None  # fmt: skip
         cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([o.lstrip("+") for o in overrides]))
         data = OmegaConf.to_container(cfg, resolve=True)
+        assert isinstance(data, dict)  # merged over a mapping
     except OmegaConfBaseException as err:
         first = str(err).strip().splitlines()[0]
-        key = getattr(err, "full_key", None)
-        raise SpecError(f"{path}: {('key ' + repr(key) + ': ') if key else ''}{first}") from None
-    return validate(data, source=path, check_arch=check_arch, check_data=check_data)
+        full_key = getattr(err, "full_key", None)
+        raise SpecError(f"{path}: {('key ' + repr(full_key) + ': ') if full_key else ''}{first}") from None
+    return validate({str(k): v for k, v in data.items()}, source=path, check_arch=check_arch, check_data=check_data)
 
-
-REPO = Path(__file__).resolve().parents[1]
 
 
 def sweep_dir(source: Path | None) -> Path:
@@ -204,7 +263,7 @@ def _path(value: Any, base: Path) -> Path:
     return (base / Path(placeholders(str(value))).expanduser()).resolve()
 
 
-def _mapping(data: dict, key: str, known: set | None, src: str) -> dict:
+def _mapping(data: dict[str, Any], key: str, known: set[str] | None, src: str) -> dict[str, Any]:
     value = data.get(key) or {}
     if not isinstance(value, dict):
         raise SpecError(f"{src}: key {key!r} must be a mapping, got {type(value).__name__}")
@@ -215,7 +274,7 @@ def _mapping(data: dict, key: str, known: set | None, src: str) -> dict:
     return value
 
 
-def _check_args(args: dict, where: str, src: str) -> dict:
+def _check_args(args: dict[str, Any], where: str, src: str) -> dict[str, Any]:
     out = {}
     for key, value in args.items():
         norm = _norm(key)
@@ -227,7 +286,7 @@ def _check_args(args: dict, where: str, src: str) -> dict:
     return out
 
 
-def validate(data: dict, source: Path | None = None, check_arch: bool = True, check_data: bool = True) -> Sweep:
+def validate(data: dict[str, Any], source: Path | None = None, check_arch: bool = True, check_data: bool = True) -> Sweep:
     src = str(source) if source else "sweep"
     for key in data:
         if key not in TOP_KEYS:
@@ -286,7 +345,7 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
     if resources["parallel"] is not None and (not isinstance(resources["parallel"], int) or resources["parallel"] < 1):
         raise SpecError(f"{src}: key 'resources.parallel' must be a positive integer or null, got {resources['parallel']!r}")
     _check_resources(resources, "resources", src)
-    for i, (args, own) in enumerate(checked_arms):
+    for i, (_, own) in enumerate(checked_arms):
         _check_resources({**resources, **own}, f"arms[{i}].resources", src)
     budget = {**BUDGET_DEFAULTS, **_mapping(data, "budget", set(BUDGET_DEFAULTS), src)}
     for key, value in budget.items():
@@ -309,8 +368,8 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
     data_path = _path(dat["path"], here) if dat.get("path") else None
     sweep = Sweep(
         name=name, root=root, task=str(data["task"]), data_path=data_path, data_prepare=dat.get("prepare"),
-        base=base, grid=grid, arms=checked_arms, seeds=list(seeds), resources=resources, budget=budget,
-        metric=metric, trials=trials, source=source, config=data,
+        base=base, grid=grid, arms=checked_arms, seeds=list(seeds), resources=Resources(**resources),
+        budget=Budget(**budget), metric=Metric(**metric), trials=Trials(**trials), source=source, config=data,
     )  # fmt: skip
     runs = expand(sweep)
     if not runs:
@@ -323,12 +382,12 @@ def validate(data: dict, source: Path | None = None, check_arch: bool = True, ch
         _check_archs(runs, src)
     if check_data and data_path is None:
         raise SpecError(f"{src}: missing key 'data.path'")
-    if check_data and not data_ready(data_path) and not sweep.data_prepare:
+    if check_data and data_path is not None and not data_ready(data_path) and not sweep.data_prepare:
         raise SpecError(f"{src}: key 'data.path': {data_path} has no dict.txt and 'data.prepare' is not set")
     return sweep
 
 
-def _check_resources(resources: dict, where: str, src: str) -> None:
+def _check_resources(resources: dict[str, Any], where: str, src: str) -> None:
     for key in ("gpus_per_node", "nodes", "tasks_per_node", "cpus_per_task", "time_min", "signal_delay_s"):
         value = resources[key]
         low = 0 if key in ("gpus_per_node", "signal_delay_s") else 1
@@ -385,7 +444,7 @@ def expand(sweep: Sweep) -> list[Run]:
             label = arm.get("__name__")
             parts = [label] if label else []
             parts += [f"{k}{_short(v)}" if k != "arch" else _short(v) for k, v in zip(keys, combo)]
-            configs.append(("_".join(parts) or "base", args, {**sweep.resources, **own}))
+            configs.append(("_".join(parts) or "base", args, replace(sweep.resources, **own)))
     runs = []
     for arm_id, args, resources in configs:
         for seed in sweep.seeds:
@@ -426,7 +485,7 @@ def value_booleans(arch: str | None) -> frozenset[str]:
     model.add_args(parser)
     names = set()
     for action in parser._actions:
-        if action.nargs is None and action.type is not None and action.option_strings:
+        if action.nargs is None and callable(action.type) and action.option_strings:
             try:
                 if action.type("true") is True and action.type("false") is False:
                     names.add(action.dest)
@@ -435,15 +494,77 @@ def value_booleans(arch: str | None) -> frozenset[str]:
     return frozenset(names)
 
 
-def fairseq_argv(sweep: Sweep, run: Run, run_dir: Path, tb_dir: Path, user_dir: Path) -> list[str]:
-    """The fairseq-train command line (without the program name) for one run. A boolean is
-    ``--flag true|false`` for an option that takes a value (:func:`value_booleans`), else
-    fairseq's bare store-true flag (present when true, absent when false)."""
-    argv = [str(sweep.data_path), "--task", sweep.task, "--user-dir", str(user_dir)]
-    with_value = value_booleans(run.args.get("arch"))
-    for key, value in run.args.items():
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything a submitted job needs, as plain picklable data (what :class:`slurm.job.TrainJob`
+    carries through submitit's pickle and every requeue)."""
+
+    run_id: str
+    arm: str
+    seed: int
+    attention: str
+    args: dict[str, Any]  # the run's fairseq arguments (underscored keys), as in the sweep file
+    run_dir: Path
+    tb_dir: Path
+    data_path: Path
+    task: str
+    budget: Budget
+    resources: Resources
+    metric: Metric
+    value_booleans: frozenset[str] = frozenset()  # of ``args``: written --flag true|false (see value_booleans)
+    fairseq_train: str = "fairseq-train"
+    user_dir: Path = REPO / "fairseq_plugin"
+
+    @property
+    def gpus(self) -> int:
+        return self.resources.gpus
+
+    @property
+    def threads(self) -> int:
+        return self.resources.cpus_per_task
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where one task of a job sits in its distributed world (a world of 1: not distributed)."""
+
+    world: int = 1
+    rank: int = 0
+    local_rank: int = 0
+    init_method: str | None = None  # tcp://MASTER:PORT when world > 1
+
+
+def job_spec(sweep: Sweep, run: Run) -> JobSpec:
+    """The job of one run (asks fairseq which of its options are value-taking booleans)."""
+    if sweep.data_path is None:
+        raise SpecError(f"{sweep.source or 'sweep'}: missing key 'data.path'")
+    return JobSpec(
+        run_id=run.run_id, arm=run.arm, seed=run.seed, attention=run.attention, args=dict(run.args),
+        run_dir=sweep.run_dir(run), tb_dir=sweep.tb_dir(run), data_path=sweep.data_path, task=sweep.task,
+        budget=sweep.budget, resources=run.resources, metric=sweep.metric,
+        value_booleans=value_booleans(run.args.get("arch")), fairseq_train=fairseq_train_path(),
+    )  # fmt: skip
+
+
+def fairseq_train_path() -> str:
+    """The ``fairseq-train`` beside this Python (a venv's), else the one on PATH."""
+    import sys
+
+    exe = Path(sys.executable).parent / "fairseq-train"
+    return str(exe) if exe.is_file() else "fairseq-train"
+
+
+def fairseq_command(job: JobSpec, place: Placement = Placement()) -> list[str]:
+    """The whole ``fairseq-train`` command line of one task: the program, the run's options, the
+    budget, the launcher's own arguments and, in a world of more than one, the distributed flags.
+
+    A boolean is ``--flag true|false`` for an option that takes a value (``job.value_booleans``:
+    the plugin's ``--hash-bias``), else fairseq's bare store-true flag (present when true, absent
+    when false); ``null`` drops the option; a list becomes several values."""
+    argv = [job.fairseq_train, str(job.data_path), "--task", job.task, "--user-dir", str(job.user_dir)]
+    for key, value in job.args.items():
         flag = "--" + key.replace("_", "-")
-        if isinstance(value, bool) and key in with_value:
+        if isinstance(value, bool) and key in job.value_booleans:
             argv += [flag, str(value).lower()]
         elif value is None or value is False:
             continue
@@ -453,20 +574,24 @@ def fairseq_argv(sweep: Sweep, run: Run, run_dir: Path, tb_dir: Path, user_dir: 
             argv += [flag, *map(str, value)]
         else:
             argv += [flag, str(value)]
-    budget = sweep.budget
-    if budget["max_update"]:
-        argv += ["--max-update", str(int(budget["max_update"]))]
-    if budget["max_epoch"]:
-        argv += ["--max-epoch", str(int(budget["max_epoch"]))]
+    budget = job.budget
+    if budget.max_update:
+        argv += ["--max-update", str(int(budget.max_update))]
+    if budget.max_epoch:
+        argv += ["--max-epoch", str(int(budget.max_epoch))]
     hours = []
-    if budget["wall_minutes"]:
-        hours.append(budget["wall_minutes"] / 60)
-    if budget["gpu_hours"]:
-        resources = run.resources or sweep.resources
-        devices = max(1, resources["gpus_per_node"] * resources["nodes"])
-        hours.append(budget["gpu_hours"] / devices)  # equal GPU-hours: fewer GPUs train longer
+    if budget.wall_minutes:
+        hours.append(budget.wall_minutes / 60)
+    if budget.gpu_hours:
+        hours.append(budget.gpu_hours / max(1, job.gpus))  # equal GPU-hours: fewer GPUs train longer
     if hours:
         argv += ["--stop-time-hours", f"{min(hours):.6f}"]  # fairseq counts it across restarts
-    argv += ["--seed", str(run.seed), "--save-dir", str(run_dir / "checkpoints"), "--tensorboard-logdir", str(tb_dir),
-             "--log-format", "json"]  # fmt: skip
+    argv += ["--seed", str(job.seed), "--save-dir", str(job.run_dir / "checkpoints"), "--tensorboard-logdir",
+             str(job.tb_dir), "--log-format", "json"]  # fmt: skip
+    if place.world > 1:  # one task per GPU (or per CPU rank with gloo); fairseq is told, not left to guess
+        argv += ["--distributed-world-size", str(place.world), "--distributed-rank", str(place.rank),
+                 "--device-id", str(place.local_rank), "--distributed-init-method", str(place.init_method),
+                 "--distributed-no-spawn"]  # fmt: skip
+        if not job.gpus:
+            argv += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     return argv

@@ -300,6 +300,7 @@ def test_run_without_fairseq_is_one_line(tmp_path, corpus):
 
 def test_cancel_of_a_job_that_just_ended_is_not_a_traceback(tmp_path, corpus, monkeypatch, capsys):
     """The race: a local job found alive ends before cancel signals it."""
+    from slurm import backends
     from slurm import cancel as cancel_mod
     from slurm.runs import record_jobs
 
@@ -308,6 +309,6 @@ def test_cancel_of_a_job_that_just_ended_is_not_a_traceback(tmp_path, corpus, mo
     dead.wait()  # a pid that no longer exists
     sweep.dir.mkdir(parents=True)
     record_jobs(sweep, {"softmax_s1": {"cluster": "local", "job_id": dead.pid, "submitted": time.time()}})
-    monkeypatch.setattr(cancel_mod, "local_controller_alive", lambda sweep, job_id: True)  # alive when checked
+    monkeypatch.setattr(backends, "controller_alive", lambda sweep, job_id: True)  # alive when checked
     assert cancel_mod.cancel(sweep, sweep.runs(), timeout_s=2) in (0, 1)
     assert f"the local job {dead.pid} of softmax_s1 had already ended" in capsys.readouterr().out

@@ -16,14 +16,22 @@ import time
 
 import pytest
 
-from slurm.cancel import slurm_states
+from slurm.backends import SlurmBackend
 from slurm.job import TrainJob, probe
-from slurm.launch import job_spec, make_executor
-from slurm.spec import load
+from slurm.spec import Sweep, job_spec, load
 
 from .conftest import PY, REPO, last_saved, newest_checkpoint, processes_mentioning, run_cli, tiny_sweep, wait_done
 
 pytestmark = pytest.mark.slurm
+SLURM = SlurmBackend()
+
+
+def slurm_states(sweep: Sweep | None, job_ids: list[str]) -> dict[str, str]:
+    return SLURM.states(sweep, job_ids)  # SLURM's states need no sweep
+
+
+def make_executor(sweep: Sweep):
+    return SLURM.executor(sweep, sweep.resources)
 
 
 def _result(sweep_dir, run_id) -> dict:
@@ -77,7 +85,7 @@ def test_preemption_requeues_and_resumes_to_the_same_updates(tmp_path, corpus, s
     sweep = _sweep(tmp_path, corpus, "pre", budget={"max_update": 400}, fairseq__save_interval_updates=10,
                    fairseq__validate_interval_updates=100)  # fmt: skip
     run = sweep.runs()[0]
-    executor = make_executor(sweep, "slurm")
+    executor = make_executor(sweep)
     job = executor.submit(TrainJob(job_spec(sweep, run)))
     run_dir = sweep.dir / run.run_id
     deadline = time.time() + 180
@@ -103,7 +111,7 @@ def test_timeout_requeues_and_finishes(tmp_path, corpus, slurm_cluster):
                    resources__time_min=1, resources__signal_delay_s=50, fairseq__save_interval_updates=5,
                    fairseq__validate_interval_updates=100000)  # fmt: skip
     run = sweep.runs()[0]
-    job = make_executor(sweep, "slurm").submit(TrainJob(job_spec(sweep, run)))
+    job = make_executor(sweep).submit(TrainJob(job_spec(sweep, run)))
     wait_done([job], 400)
     result = _result(sweep.dir, run.run_id)
     assert job.result()["state"] == "finished" and result["state"] == "finished", result
@@ -112,7 +120,7 @@ def test_timeout_requeues_and_finishes(tmp_path, corpus, slurm_cluster):
 
 def test_gpus_per_node_become_tasks_with_gres(tmp_path, corpus, slurm_cluster):
     sweep = _sweep(tmp_path, corpus, "gpu", resources__gpus_per_node=2)
-    job = make_executor(sweep, "slurm").submit(probe)
+    job = make_executor(sweep).submit(probe)
     wait_done([job], 120)
     seen = sorted(job.results(), key=lambda r: r["global_rank"])
     assert [r["global_rank"] for r in seen] == [0, 1] and all(r["num_tasks"] == 2 for r in seen)
