@@ -72,10 +72,12 @@ setup(
     license="MIT",
     python_requires=">=3.11",
     packages=find_packages(include=["fairseq_plugin", "fairseq_plugin.*", "slurm", "slurm.*"]),
+    package_data={"slurm": ["py.typed"]},  # the launcher is typed (PEP 561); mypy checks it in the tests
     install_requires=[TORCH, *FAIRSEQ_DEPS, *OWN_DEPS],
     ext_modules=EXT_MODULES,
     cmdclass=CMDCLASS,
     entry_points={"console_scripts": ["fairseq-sweep = slurm.cli:main"]},
     # triton: the GPU kernels (a CUDA torch brings it); the tests run them in its interpreter.
-    extras_require={"test": ["pytest>=8", "triton>=3.6"]},
+    # mypy: tests/slurm/test_typing.py type-checks the launcher.
+    extras_require={"test": ["pytest>=8", "triton>=3.6", "mypy>=1.10"]},
 )
