@@ -125,7 +125,7 @@ def data(tmp_path_factory) -> Path:
 
 
 def test_attention_statistics_are_averaged_over_ranks(data, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"}  # gloo on loopback only
     for key in ("MASTER_ADDR", "MASTER_PORT", "WORLD_SIZE", "RANK"):
         env.pop(key, None)
     init = f"tcp://127.0.0.1:{free_port()}"
