@@ -203,6 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, LockedError, SubmissionError) as err:
         print(f"fairseq-sweep: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:  # a directory the sweep names that cannot be made, read or written
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"fairseq-sweep: error: {where}{err.strerror or err} (check the sweep file's 'root' and 'data.path', "
+              "and that you may write there)", file=sys.stderr)  # fmt: skip
+        return 2
     except (Interrupted, KeyboardInterrupt):
         print("fairseq-sweep: interrupted", file=sys.stderr)
         return 130

@@ -283,6 +283,17 @@ def test_every_cli_error_is_one_line_naming_the_fix(tmp_path, corpus, args, expe
     assert not (tmp_path / "sweeps").exists()
 
 
+@pytest.mark.parametrize("command", ["run", "status", "cancel", "report"])
+def test_a_root_that_cannot_be_a_directory_is_one_line(tmp_path, corpus, command):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    path = tiny_sweep(tmp_path / "s.yaml", corpus, name="blocked", root=str(blocker / "sweeps"))
+    proc = run_cli([command, str(path)], timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"fairseq-sweep: error: {blocker}") and "check the sweep file's 'root'" in line, line
+
+
 def test_cancel_of_a_sweep_never_launched_says_so(tmp_path, corpus):
     proc = run_cli(["cancel", str(tiny_sweep(tmp_path / "s.yaml", corpus, name="never"))], timeout=120)
     assert proc.returncode == 0 and proc.stderr.strip() == "", proc.stderr[-2000:]
