@@ -110,9 +110,29 @@ def guard(loader: Callable[..., Any]) -> Callable[..., Any]:
     return guarded
 
 
+def from_rank0(receive: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap fairseq's ``_broadcast_object_slow``: with more than one rank, rank 0 alone loads the
+    checkpoint (through the allowlist) and sends its state to the others as a ``torch.save``
+    buffer, which they ``torch.load`` with no ``weights_only``. That state holds the cfg as omegaconf
+    objects and fairseq's tensor placeholders, which torch's default refuses, so every multi-rank
+    resume failed. The bytes are this job's own rank 0's, over its process group: unpickle in full."""
+    if getattr(receive, "_fairseq_plugin_guard", False):
+        return receive
+
+    @functools.wraps(receive)
+    def receiving(*args, **kwargs):
+        with _full_unpickling():
+            return receive(*args, **kwargs)
+
+    receiving._fairseq_plugin_guard = True  # type: ignore[attr-defined]
+    return receiving
+
+
 def install() -> None:
     """Allow fairseq's checkpoint types and guard fairseq's loader. Idempotent."""
     from fairseq import checkpoint_utils
+    from fairseq.distributed import utils as distributed_utils
 
     torch.serialization.add_safe_globals(list(SAFE_GLOBALS))
     checkpoint_utils.load_checkpoint_to_cpu = guard(checkpoint_utils.load_checkpoint_to_cpu)
+    distributed_utils._broadcast_object_slow = from_rank0(distributed_utils._broadcast_object_slow)
