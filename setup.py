@@ -40,7 +40,9 @@ FAIRSEQ_DEPS = [
     "sentencepiece>=0.1.99",
     "editdistance>=0.6",
 ]
-OWN_DEPS = ["tensorboard>=2.10", "submitit>=1.5,<2", "matplotlib>=3.7"]
+# tensorboard >= 2.21: older releases import pkg_resources, which setuptools >= 81 no longer ships, so
+# `tensorboard --logdir` does not start (tests/slurm/test_tensorboard.py)
+OWN_DEPS = ["tensorboard>=2.21", "submitit>=1.5,<2", "matplotlib>=3.7"]
 
 
 def extensions():
