@@ -92,6 +92,12 @@ class TrainJob(Checkpointable):
     def __init__(self, spec: JobSpec):
         self.spec = spec
 
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled (submitit, every requeue); a job pickled before JobSpec carried a dict."""
+        self.__dict__.update(state)
+        if isinstance(self.spec, dict):
+            self.spec = JobSpec.from_legacy(self.spec)
+
     # -- the job --------------------------------------------------------------------------------
     def __call__(self) -> dict[str, Any]:
         spec = self.spec

@@ -42,7 +42,7 @@ import random
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import yaml
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -514,6 +514,26 @@ class JobSpec:
     value_booleans: frozenset[str] = frozenset()  # of ``args``: written --flag true|false (see value_booleans)
     fairseq_train: str = "fairseq-train"
     user_dir: Path = REPO / "fairseq_plugin"
+    legacy_argv: tuple[str, ...] | None = None  # a job pickled before JobSpec: its run's arguments as built then
+
+    @classmethod
+    def from_legacy(cls, spec: Mapping[str, Any]) -> JobSpec:
+        """A job pickled by a launcher from before JobSpec (a dict holding the run's ``argv``), read
+        as one: a job submitted before an upgrade and requeued after it runs the same command."""
+        argv = tuple(str(a) for a in spec["argv"])
+
+        def after(flag: str, default: str) -> str:
+            return argv[argv.index(flag) + 1] if flag in argv[:-1] else default
+
+        metric = spec.get("metric") or {}
+        resources = {k: v for k, v in (spec.get("resources") or {}).items() if k in RESOURCE_DEFAULTS}
+        return cls(
+            run_id=spec["run_id"], arm=spec["arm"], seed=spec["seed"], attention=spec["attention"], args=dict(spec["args"]),
+            run_dir=Path(spec["run_dir"]), tb_dir=Path(after("--tensorboard-logdir", spec["run_dir"])),
+            data_path=Path(argv[0]), task=after("--task", ""), budget=Budget(), resources=Resources(**resources),
+            metric=Metric(metric.get("metric", "loss"), metric.get("split", "valid"), metric.get("lower_is_better", True)),
+            fairseq_train=spec["fairseq_train"], legacy_argv=argv,
+        )  # fmt: skip
 
     @property
     def gpus(self) -> int:
@@ -561,7 +581,19 @@ def fairseq_command(job: JobSpec, place: Placement = Placement()) -> list[str]:
     A boolean is ``--flag true|false`` for an option that takes a value (``job.value_booleans``:
     the plugin's ``--hash-bias``), else fairseq's bare store-true flag (present when true, absent
     when false); ``null`` drops the option; a list becomes several values."""
-    argv = [job.fairseq_train, str(job.data_path), "--task", job.task, "--user-dir", str(job.user_dir)]
+    argv = [job.fairseq_train, *(_run_argv(job) if job.legacy_argv is None else job.legacy_argv)]
+    if place.world > 1:  # one task per GPU (or per CPU rank with gloo); fairseq is told, not left to guess
+        argv += ["--distributed-world-size", str(place.world), "--distributed-rank", str(place.rank),
+                 "--device-id", str(place.local_rank), "--distributed-init-method", str(place.init_method),
+                 "--distributed-no-spawn"]  # fmt: skip
+        if not job.gpus:
+            argv += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
+    return argv
+
+
+def _run_argv(job: JobSpec) -> list[str]:
+    """The run's part of :func:`fairseq_command`: data, task, its options, budget, launcher-owned paths."""
+    argv = [str(job.data_path), "--task", job.task, "--user-dir", str(job.user_dir)]
     for key, value in job.args.items():
         flag = "--" + key.replace("_", "-")
         if isinstance(value, bool) and key in job.value_booleans:
@@ -588,10 +620,4 @@ def fairseq_command(job: JobSpec, place: Placement = Placement()) -> list[str]:
         argv += ["--stop-time-hours", f"{min(hours):.6f}"]  # fairseq counts it across restarts
     argv += ["--seed", str(job.seed), "--save-dir", str(job.run_dir / "checkpoints"), "--tensorboard-logdir",
              str(job.tb_dir), "--log-format", "json"]  # fmt: skip
-    if place.world > 1:  # one task per GPU (or per CPU rank with gloo); fairseq is told, not left to guess
-        argv += ["--distributed-world-size", str(place.world), "--distributed-rank", str(place.rank),
-                 "--device-id", str(place.local_rank), "--distributed-init-method", str(place.init_method),
-                 "--distributed-no-spawn"]  # fmt: skip
-        if not job.gpus:
-            argv += ["--distributed-backend", "gloo", "--ddp-backend", "legacy_ddp"]
     return argv

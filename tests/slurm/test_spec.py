@@ -313,3 +313,27 @@ def test_status_shows_the_nodes_a_run_used_when_recorded(tmp_path, corpus):
     new = run_cli(["status", str(path)], timeout=120)
     assert new.returncode == 0 and new.stdout.splitlines()[0].split()[-1] == "nodes", new.stdout
     assert re.search(rf"^{second.run_id}\s+finished\s+8\s.*node1,node2$", new.stdout, re.M), new.stdout
+
+
+def test_a_job_pickled_by_the_older_launcher_runs_the_same_command(tmp_path, corpus):
+    """Jobs submitted before JobSpec carried a dict (launch.job_spec's); a requeue after an upgrade
+    unpickles one into today's TrainJob, which must run the very same command."""
+    import pickle
+
+    from slurm.job import TrainJob
+
+    sweep = load(tiny_sweep(tmp_path / "s.yaml", corpus, grid={"arch": ["clustered_transformer"]},
+                            budget={"gpu_hours": 1.0}, resources__tasks_per_node=2))  # fmt: skip
+    run = sweep.runs()[0]
+    new = job_spec(sweep, run)
+    command = fairseq_command(new)
+    old = {"run_id": run.run_id, "arm": run.arm, "seed": run.seed, "attention": run.attention, "args": run.args,
+           "run_dir": str(new.run_dir), "fairseq_train": command[0], "argv": command[1:], "gpus": 0, "threads": 1,
+           "resources": new.resources.of_job(), "metric": {"metric": "loss", "split": "valid", "lower_is_better": True}}
+    job = TrainJob.__new__(TrainJob)
+    job.__dict__["spec"] = old  # what such a pickle holds
+    revived = pickle.loads(pickle.dumps(job))
+    assert revived.spec.run_dir == new.run_dir and revived.spec.tb_dir == new.tb_dir and revived.spec.metric == new.metric
+    place = Placement(world=2, rank=1, local_rank=1, init_method="tcp://127.0.0.1:2345")
+    assert fairseq_command(revived.spec, place) == fairseq_command(new, place)
+    assert fairseq_command(revived.spec) == command and revived.spec.resources == new.resources
