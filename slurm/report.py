@@ -14,7 +14,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
-from .runs import FINISHED, read_result, tb_dir
+from .runs import FINISHED, read_result
 from .spec import Sweep
 
 Point = tuple[int, float, float]  # (step, wall time, value) of a TensorBoard scalar
