@@ -232,6 +232,8 @@ make_network() {  # a bridge at SUBNET.1 and, per node, a namespace with a veth 
 start_node() {  # node: its slurmd inside its namespace, with its own host name and /etc/hosts
     local name=$1 ns; ns=$(ns_of "$1")
     ip netns list | grep -qw "$ns" || die "no namespace $ns for $name (is the cluster started with NODES>1?)"
+    local pid; pid=$(cat "$DIR/run/slurmd.$name.pid" 2>/dev/null || true)
+    if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then return 0; fi  # its slurmd is running already
     mkdir -p "$DIR/spool/$name"
     # nsenter, not `ip netns exec`: that one remounts /sys, and slurmd wants the machine's cgroup fs
     nsenter --net="/run/netns/$ns" unshare --uts --mount --propagation private sh -c \
