@@ -234,8 +234,12 @@ class SlurmBackend(Backend):
     QUEUED = frozenset({"PENDING", "REQUEUED", "CONFIGURING", "UNKNOWN", "READY"})
     SACCT_LAG_S = 60  # a job submitted this recently that sacct does not list yet is taken as queued
 
+    def __init__(self, max_num_timeout: int = 3) -> None:
+        self.max_num_timeout = max_num_timeout  # requeues after a time limit before the job fails (submitit's 3)
+
     def executor(self, sweep: Sweep, resources: Resources) -> submitit.Executor:
-        executor = submitit.AutoExecutor(folder=sweep.dir / "submitit" / "%j", cluster="slurm")
+        executor = submitit.AutoExecutor(folder=sweep.dir / "submitit" / "%j", cluster="slurm",
+                                         slurm_max_num_timeout=self.max_num_timeout)  # fmt: skip
         params: dict[str, Any] = {
             "timeout_min": resources.time_min, "nodes": resources.nodes, "tasks_per_node": resources.tasks,
             "cpus_per_task": resources.cpus_per_task, "name": f"sweep-{sweep.name}", "mem_gb": resources.mem_gb,
