@@ -7,6 +7,10 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <string>
+
+#include "cpu/cpu_common.h"
+
 TORCH_LIBRARY(fairseq_clustered, m) {
   // codes (...) int64: bit b = [x . planes[b, :E] > planes[b, E]]; planes (B, E + 1), B <= 63.
   m.def("lsh_hash(Tensor x, Tensor planes) -> Tensor");
@@ -28,6 +32,15 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   m.def(
       "topk_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top,"
       " Tensor weights, float scale) -> (Tensor, Tensor, Tensor)");
+  // The variant of the CPU hot loops this process runs: "avx512", "avx2" or "default" (the best the
+  // CPU has, capped by FAIRSEQ_PLUGIN_CPU_ISA=avx2|default).
+  m.def("cpu_isa() -> str", []() -> std::string {
+    switch (fca::cpu_isa()) {
+      case fca::Isa::kAvx512: return "avx512";
+      case fca::Isa::kAvx2: return "avx2";
+      default: return "default";
+    }
+  });
 }
 
 // `import fairseq_plugin._C` loads this library, which registers the operators above.

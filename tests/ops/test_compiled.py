@@ -457,7 +457,7 @@ def test_bad_input_errors_name_the_argument():
         OPS.softmax_topk(torch.randn(1, 2, 3, 10), None, 0)
 
 
-@pytest.mark.parametrize("isa", ["default", "avx2"])
+@pytest.mark.parametrize("isa", ["default", "avx2", "best"])
 def test_every_cpu_variant_matches_reference(isa):
     """The kernels carry AVX-512, AVX2 and baseline variants chosen at run time; this machine runs
     the best one, so the others are checked here with FAIRSEQ_PLUGIN_CPU_ISA capping the choice."""
@@ -482,8 +482,44 @@ for length, e, topk in ((300, 64, 32), (77, 19, 9)):
             for a, b in zip(res[0][:1] + res[0][2:], res[1][:1] + res[1][2:]):
                 err = float((a - b).abs().max() / b.abs().max())
                 assert err < (2e-5 if dtype == torch.float32 else 1e-12), (fn.__name__, dtype, err)
+# k-means alone, bit for bit: codes around a few centres (the passes after the first compare most
+# queries with the changed centroids only), random codes, a handful of distinct codes (clusters
+# empty out and are re-seeded), padding, and lengths that are not a multiple of the SIMD block.
+from fairseq_plugin.ops.hashing import draw_planes, lsh_hash, pack_bits
+from fairseq_plugin.ops.kmeans import draw_kmeans_seeds, kmeans_from_seeds
+for n, h, length, c, iterations, bits, kind in ((1, 4, 1024, 100, 10, 63, "centres"), (2, 3, 517, 37, 12, 20, "centres"),
+                                                (1, 2, 301, 50, 15, 63, "few"), (3, 1, 129, 16, 20, 8, "random"),
+                                                (1, 1, 7, 3, 4, 63, "random")):
+    if kind == "centres":
+        centres = torch.randn(h, 40, 64, generator=g)
+        x = centres[:, torch.randint(0, 40, (length,), generator=g)] + 0.3 * torch.randn(h, length, 64, generator=g)
+        codes = lsh_hash(x.expand(n, h, length, 64).contiguous(), draw_planes(bits, 64, True, g))
+    else:
+        pool = pack_bits(torch.rand(5 if kind == "few" else n * h * length, bits, generator=g) < 0.5)
+        codes = pool[torch.randint(0, pool.shape[0], (n, h, length), generator=g)]
+    pad = torch.zeros(n, length, dtype=torch.bool)
+    pad[-1, 2 * length // 3:] = True
+    for mask in (None, pad):
+        init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, pad if mask is not None else pad & False, g,
+                                         codes.device)
+        got = torch.ops.fairseq_clustered.hamming_kmeans(codes, init, reseed, mask, bits)
+        want = kmeans_from_seeds(codes, bits, init, reseed, mask)
+        assert all(torch.equal(a, b) for a, b in zip(got, want)), ("kmeans", n, h, length, c, kind, mask is not None)
+torch.set_num_threads(1)  # the other parallel split of k-means: whole rows per thread vs queries of a row
+codes = lsh_hash(torch.randn(2, 1, 700, 64, generator=g), draw_planes(63, 64, True, g))
+init, reseed = draw_kmeans_seeds(2, 1, 700, 30, 8, torch.zeros(2, 700, dtype=torch.bool), g, codes.device)
+got = torch.ops.fairseq_clustered.hamming_kmeans(codes, init, reseed, None, 63)
+assert all(torch.equal(a, b) for a, b in zip(got, kmeans_from_seeds(codes, 63, init, reseed, None)))
+print(torch.ops.fairseq_clustered.cpu_isa())
 print("ok")
 """
     env = dict(os.environ, FAIRSEQ_PLUGIN_CPU_ISA=isa)
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=600)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
+    ran = done.stdout.split()[-2]  # the variant the kernels ran (the op cpu_isa)
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    flags = set(" ".join(line for line in cpuinfo if line.startswith("flags")).split())
+    if isa == "default" or (isa == "avx2" and "avx2" in flags):
+        assert ran == isa, ran
+    else:
+        assert ran in ("avx512", "avx2", "default"), ran
