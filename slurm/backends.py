@@ -36,7 +36,10 @@ from .spec import Resources, Sweep
 Job = submitit.Job[Any]
 
 
-def _call(job: Callable[[], Any]) -> Any:  # map_array needs a function of one argument; importable for pickles
+def _call(job: Callable[[], Any]) -> Any:
+    """Run ``job``. Only for jobs pickled by earlier versions, which submitted ``_call(job)``: a job
+    is now submitted as itself, since submitit checkpoints and requeues it on a time-limit or
+    preemption signal only when the submitted callable is the Checkpointable (``TrainJob``)."""
     return job()
 
 
@@ -70,7 +73,7 @@ class Backend(ABC):
     def submit(self, sweep: Sweep, resources: Resources, jobs: Sequence[TrainJob]) -> list[Job]:
         """Submit ``jobs`` (all of ``resources``); one handle each, in order."""
         executor = self.executor(sweep, resources)
-        return [executor.submit(_call, job) for job in jobs]
+        return [executor.submit(job) for job in jobs]  # the TrainJob itself: submitit checkpoints it
 
     # -- waiting --------------------------------------------------------------------------------
     def done(self, handle: Job) -> bool:
@@ -258,7 +261,7 @@ class SlurmBackend(Backend):
 
     def submit(self, sweep: Sweep, resources: Resources, jobs: Sequence[TrainJob]) -> list[Job]:
         try:
-            handles = self.executor(sweep, resources).map_array(_call, list(jobs))
+            handles = self.executor(sweep, resources).submit_array(list(jobs))  # TrainJobs: checkpointable
         except Exception as err:  # noqa: BLE001  (sbatch missing, a bad partition, ...)
             raise SubmissionError(f"could not submit {len(jobs)} run(s) ({describe(resources)}) to SLURM: "
                                   f"{_last_line(err) or type(err).__name__}") from None  # fmt: skip

@@ -85,8 +85,9 @@ def test_preemption_requeues_and_resumes_to_the_same_updates(tmp_path, corpus, s
     sweep = _sweep(tmp_path, corpus, "pre", budget={"max_update": 400}, fairseq__save_interval_updates=10,
                    fairseq__validate_interval_updates=100)  # fmt: skip
     run = sweep.runs()[0]
-    executor = make_executor(sweep)
-    job = executor.submit(TrainJob(job_spec(sweep, run)))
+    # Submitted as the launcher submits (SlurmBackend.submit), so that the checkpoint path tested is
+    # the one a `fairseq-sweep run` job takes (it once submitted a plain function, never checkpointed).
+    (job,) = SLURM.submit(sweep, sweep.resources, [TrainJob(job_spec(sweep, run))])
     run_dir = sweep.dir / run.run_id
     deadline = time.time() + 180
     while not (run_dir / "checkpoints" / "checkpoint_last.pt").is_file():
@@ -113,7 +114,7 @@ def test_timeout_requeues_and_finishes(tmp_path, corpus, slurm_cluster):
                    resources__time_min=1, resources__signal_delay_s=50, fairseq__save_interval_updates=5,
                    fairseq__validate_interval_updates=100000)  # fmt: skip
     run = sweep.runs()[0]
-    job = make_executor(sweep, max_num_timeout=12).submit(TrainJob(job_spec(sweep, run)))
+    (job,) = SlurmBackend(max_num_timeout=12).submit(sweep, sweep.resources, [TrainJob(job_spec(sweep, run))])
     wait_done([job], 600)
     result = _result(sweep.dir, run.run_id)
     assert job.result()["state"] == "finished" and result["state"] == "finished", result
