@@ -17,6 +17,7 @@ CUDA), ``sdpa-cudnn`` (its cuDNN backend, CUDA half precision), ``ref-clustered`
 
     python experiments/benchmarks/attention.py                      # CPU grid, N=1 H=4 E=64 C=100 B=63 I=10 k=32
     python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2
+    python experiments/benchmarks/attention.py --lengths 1024 8192 --threads 2 --isa best avx2   # AVX-512 vs AVX2
     python experiments/benchmarks/attention.py --device cuda        # float32 H=4 and bfloat16 H=8 (SDPA flash, cuDNN), + 32k
     python experiments/benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 --skew 0.5   # one big cluster
 
@@ -24,7 +25,8 @@ On CPU every cell runs in fresh subprocesses: ``--processes`` (3) for time and e
 default allocator, their timed runs pooled (glibc's allocator is fast in some processes and slow in
 others, see csrc/README.md), and one for peak memory (growth of its peak RSS, with glibc's mmap
 threshold pinned so freed tensors leave the RSS); on CUDA in-process, memory by
-torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``).
+torch.cuda.max_memory_allocated. Results: a table on stdout and a CSV (``--out``); on CPU the isa
+column says which variant each cell ran (the plugin's kernels / ATen's, e.g. ``avx2=avx2/avx2``).
 """
 
 from __future__ import annotations
@@ -48,7 +50,17 @@ CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (
 # the ops of both compiled namespaces (csrc/ and Triton), by the stage of the pipeline they are
 STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
           "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd"}  # fmt: skip
-CSV_FIELDS = ["device", "dtype", "threads", "n", "h", "length", "e", "clusters", "hash_bits", "iterations", "topk",
+# --isa: the CPU instruction set a cell may use, for the plugin's kernels (FAIRSEQ_PLUGIN_CPU_ISA caps
+# their run-time choice) and for PyTorch's own (ATen's kernels, MKL's GEMM, oneDNN), so that an AVX2
+# machine is reproduced on an AVX-512 one, and both are compared side by side in one run.
+ISA_ENV = {
+    "best": {},
+    "avx2": {"FAIRSEQ_PLUGIN_CPU_ISA": "avx2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
+             "DNNL_MAX_CPU_ISA": "AVX2"},
+    "default": {"FAIRSEQ_PLUGIN_CPU_ISA": "default", "ATEN_CPU_CAPABILITY": "default",
+                "MKL_ENABLE_INSTRUCTIONS": "SSE4_2", "DNNL_MAX_CPU_ISA": "SSE41"},
+}  # fmt: skip
+CSV_FIELDS = ["device", "dtype", "threads", "isa", "isa_ran", "n", "h", "length", "e", "clusters", "hash_bits", "iterations", "topk",
               "impl", "pass", "median_ms", "min_ms", "repeats", "processes", "process_medians_ms", "peak_mem_mb",
               "err_iid", "err_structured", "skew", "stages_ms",
               "clustering_ms", "speedup_vs_sdpa"]  # fmt: skip
@@ -72,6 +84,7 @@ class Cell:
     repeats: int
     processes: int = 1  # CPU: timing processes per cell (their timed runs are pooled)
     skew: float = 0.0  # this fraction of each head's queries are one query (+ noise): one big cluster
+    isa: str = "best"  # CPU: a key of ISA_ENV
     results: Dict[str, float] = field(default_factory=dict)
 
 
@@ -194,6 +207,8 @@ def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
     attend = attention_fn(cell)
     q, k, v = make_inputs(cell, structured=False)
     results: Dict[str, float] = {}
+    if cell.device == "cpu":
+        results["isa_ran"] = isa_ran()
     if cell.passes == "fwd":
         step = lambda: attend(q, k, v)  # noqa: E731
         grad_ctx = torch.no_grad
@@ -244,6 +259,16 @@ def measure(cell: Cell, phase: str = "all") -> Dict[str, float]:
     return results
 
 
+def isa_ran() -> str:
+    """The CPU variants this process runs: the plugin's kernels / ATen's (e.g. "avx2/avx2")."""
+    import torch
+
+    from fairseq_plugin.ops import compiled
+
+    kernels = torch.ops.fairseq_clustered.cpu_isa() if compiled.load() else "none"
+    return f"{kernels}/{torch.backends.cpu.get_cpu_capability().lower()}"
+
+
 def run_cell(cell: Cell, isolate: bool, timeout: float) -> Dict[str, float]:
     """On CPU, fresh processes per cell: ``cell.processes`` time it with the allocator users run
     (glibc's default; their timed runs are pooled, because whether glibc keeps freed blocks for reuse
@@ -259,7 +284,7 @@ def run_cell(cell: Cell, isolate: bool, timeout: float) -> Dict[str, float]:
     times: List[float] = []
     medians: List[float] = []
     for phase, extra in phases:
-        env = dict(os.environ, OMP_NUM_THREADS=str(cell.threads), **extra)
+        env = dict(os.environ, OMP_NUM_THREADS=str(cell.threads), **ISA_ENV[cell.isa], **extra)
         cmd = [sys.executable, __file__, "--_cell", json.dumps(asdict(cell)), "--_phase", phase]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
@@ -310,6 +335,10 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--processes", type=int, default=3,
                         help="CPU: fresh processes that time each cell; the table shows the median of all their runs")  # fmt: skip
     parser.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's)")
+    parser.add_argument("--isa", nargs="+", default=["best"], choices=list(ISA_ENV),
+                        help="CPU: run each cell with these instruction sets, side by side: best (what the CPU "
+                             "has), avx2 or default (baseline x86-64), for the plugin's kernels and PyTorch's "
+                             "alike (e.g. --isa best avx2 on an AVX-512 machine)")  # fmt: skip
     parser.add_argument("--timeout", type=float, default=900, help="seconds per cell before it is skipped")
     parser.add_argument("--out", type=Path, default=None,
                         help="CSV path (default outputs/benchmarks/attention-<device>-<dtype>.csv; "
@@ -318,6 +347,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     parser.add_argument("--_phase", default="all", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
+    if args.device != "cpu" and args.isa != ["best"]:
+        parser.error("--isa applies to --device cpu only")
     if args.processes < 1 or args.repeats < 1:
         parser.error("--processes and --repeats must be >= 1")
     if not 0 <= args.skew < 1:
@@ -350,7 +381,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     device_name = torch.cuda.get_device_name() if args.device == "cuda" else f"{cpu}, {threads} threads"
 
     rows: List[dict] = []
-    header = (f"{'L':>6} {'impl':<16} {'pass':<8} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} "
+    header = (f"{'L':>6} {'impl':<16} {'pass':<8} {'isa':<16} {'median ms':>10} {'x SDPA':>7} {'peak MB':>8} {'err iid':>8} "
               f"{'err struct':>10} {'clust ms':>8}  stages (ms, one profiled call)")  # fmt: skip
     tmp = out.with_suffix(".csv.partial")
     processes = args.processes if args.device == "cpu" else 1  # CUDA cells run in this process
@@ -364,34 +395,37 @@ def main(argv: Optional[List[str]] = None) -> None:
                   f"B={args.hash_bits} I={args.iterations} k={args.topk} {dtype}; median of {runs}{skew}", flush=True)  # fmt: skip
             print(header, flush=True)
             for length in lengths:
-                sdpa_ms: Dict[str, float] = {}
-                for passes in args.passes:
-                    for impl in impls:
-                        if impl in CUDA_IMPLS and dtype not in ("float16", "bfloat16"):
-                            continue  # cuDNN attention is half precision only
-                        cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
-                                    args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats,
-                                    processes, args.skew)  # fmt: skip
-                        res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
-                        if "error" in res:
-                            print(f"{length:>6} {impl:<16} {passes:<8} skipped: {res['error']}", flush=True)
-                            continue
-                        if impl == "sdpa":
-                            sdpa_ms[passes] = res["median_ms"]
-                        speedup = sdpa_ms[passes] / res["median_ms"] if passes in sdpa_ms else float("nan")
-                        row = {**{k: v for k, v in asdict(cell).items() if k in CSV_FIELDS}, "pass": passes,
-                               "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
-                               "process_medians_ms": res.get("process_medians_ms"),
-                               "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
-                               "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup,
-                               "stages_ms": res.get("stages_ms")}  # fmt: skip
-                        writer.writerow(row)
-                        handle.flush()
-                        rows.append(row)
-                        print(f"{length:>6} {impl:<16} {passes:<8} {fmt(res['median_ms']):>10} {fmt(speedup, 2):>7} "
-                              f"{fmt(res['peak_mem_mb']):>8} {fmt(res.get('err_iid'), 4):>8} "
-                              f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}"
-                              f"  {res.get('stages_ms') or ''}", flush=True)  # fmt: skip
+                sdpa_ms: Dict[tuple, float] = {}  # (pass, isa): SDPA's time, the baseline of the same ISA
+                for passes, isa, impl in ((p, i, m) for p in args.passes for i in args.isa for m in impls):
+                    if impl in CUDA_IMPLS and dtype not in ("float16", "bfloat16"):
+                        continue  # cuDNN attention is half precision only
+                    cell = Cell(args.device, dtype, threads, args.n, heads, length, args.dim, args.clusters,
+                                args.hash_bits, args.iterations, args.topk, impl, passes, args.repeats,
+                                processes, args.skew, isa)  # fmt: skip
+                    res = run_cell(cell, isolate=args.device == "cpu", timeout=args.timeout)
+                    if "error" in res:
+                        print(f"{length:>6} {impl:<16} {passes:<8} {isa:<16} skipped: {res['error']}", flush=True)
+                        continue
+                    if impl == "sdpa":
+                        sdpa_ms[passes, isa] = res["median_ms"]
+                    base = sdpa_ms.get((passes, isa))
+                    speedup = base / res["median_ms"] if base else float("nan")
+                    ran = res.get("isa_ran", "-")
+                    row = {**{k: v for k, v in asdict(cell).items() if k in CSV_FIELDS}, "pass": passes,
+                           "isa_ran": ran,
+                           "median_ms": res["median_ms"], "min_ms": res["min_ms"], "peak_mem_mb": res["peak_mem_mb"],
+                           "process_medians_ms": res.get("process_medians_ms"),
+                           "err_iid": res.get("err_iid"), "err_structured": res.get("err_structured"),
+                           "clustering_ms": res.get("clustering_ms"), "speedup_vs_sdpa": speedup,
+                           "stages_ms": res.get("stages_ms")}  # fmt: skip
+                    writer.writerow(row)
+                    handle.flush()
+                    rows.append(row)
+                    print(f"{length:>6} {impl:<16} {passes:<8} {isa + '=' + ran:<16} {fmt(res['median_ms']):>10} "
+                          f"{fmt(speedup, 2):>7} "
+                          f"{fmt(res['peak_mem_mb']):>8} {fmt(res.get('err_iid'), 4):>8} "
+                          f"{fmt(res.get('err_structured'), 4):>10} {fmt(res.get('clustering_ms'), 2):>8}"
+                          f"  {res.get('stages_ms') or ''}", flush=True)  # fmt: skip
     os.replace(tmp, out)  # a complete CSV or none
     print(f"# wrote {out} ({len(rows)} rows)")
 
