@@ -250,7 +250,7 @@ def improved_clustered_attention(
         topk_mass, rest, top_out = _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask)
 
     mass = _broadcast(topk_mass.unsqueeze(-1), assignment).to(v.dtype)  # (N, H, L, 1)
-    out = mass * top_out + _broadcast(rest, assignment)
+    out = torch.addcmul(_broadcast(rest, assignment), mass, top_out)  # m̂·top + rest in one pass
     out = _zero_padded_queries(out, query_padding_mask)
     if not return_clusters:
         return out
