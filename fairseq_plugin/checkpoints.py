@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import io
 import os
 import pickle
 import re
@@ -111,18 +112,27 @@ def guard(loader: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def from_rank0(receive: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap fairseq's ``_broadcast_object_slow``: with more than one rank, rank 0 alone loads the
+    """Replace fairseq's ``_broadcast_object_slow``: with more than one rank, rank 0 alone loads the
     checkpoint (through the allowlist) and sends its state to the others as a ``torch.save``
-    buffer, which they ``torch.load`` with no ``weights_only``. That state holds the cfg as omegaconf
-    objects and fairseq's tensor placeholders, which torch's default refuses, so every multi-rank
-    resume failed. The bytes are this job's own rank 0's, over its process group: unpickle in full."""
+    buffer, which fairseq's receivers ``torch.load`` with torch's default, ``weights_only``. That
+    state holds the cfg as omegaconf objects and fairseq's tensor placeholders, which the default
+    refuses, so every multi-rank resume failed. The bytes are this job's own rank 0's, sent over its
+    process group, so the receivers unpickle them in full, with an explicit ``weights_only=False`` on
+    that one in-memory buffer (nothing process-wide changes, not even while waiting). The sender's
+    side is fairseq's own code."""
     if getattr(receive, "_fairseq_plugin_guard", False):
         return receive
+    from fairseq.distributed import utils as distributed_utils
 
     @functools.wraps(receive)
-    def receiving(*args, **kwargs):
-        with _full_unpickling():
-            return receive(*args, **kwargs)
+    def receiving(obj: Any, src_rank: int, group: object, dist_device: torch.device) -> Any:
+        if distributed_utils.get_rank(group) == src_rank:
+            return receive(obj, src_rank, group, dist_device)
+        length = torch.LongTensor([0]).to(dist_device)
+        distributed_utils.broadcast(length, src=src_rank, group=group)
+        buffer = torch.ByteTensor(int(length.item())).to(dist_device)
+        distributed_utils.broadcast(buffer, src=src_rank, group=group)
+        return torch.load(io.BytesIO(buffer.cpu().numpy()), map_location="cpu", weights_only=False)
 
     receiving._fairseq_plugin_guard = True  # type: ignore[attr-defined]
     return receiving
