@@ -28,16 +28,6 @@ namespace {
 constexpr int64_t kNoKey = std::numeric_limits<int64_t>::max();
 constexpr int64_t kClusterMask = 0xffffffff;
 
-FCA_INLINE int64_t popcount64(uint64_t x) {
-#if defined(__GNUC__)
-  return __builtin_popcountll(x);
-#else
-  int64_t n = 0;
-  for (; x; x &= x - 1) ++n;
-  return n;
-#endif
-}
-
 // keys[i] = min(keys[i], min over j of popcount(q[i] ^ codes[j]) << 32 | index[j]), i < count.
 FCA_INLINE void scan_scalar(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* index, int64_t m,
                             int64_t* keys) {
@@ -45,16 +35,11 @@ FCA_INLINE void scan_scalar(const int64_t* q, int64_t count, const int64_t* code
     const uint64_t h = static_cast<uint64_t>(q[i]);
     int64_t best = keys[i];
     for (int64_t j = 0; j < m; ++j) {
-      const int64_t key = popcount64(h ^ static_cast<uint64_t>(codes[j])) << 32 | index[j];
+      const int64_t key = int64_t{__builtin_popcountll(h ^ static_cast<uint64_t>(codes[j]))} << 32 | index[j];
       best = key < best ? key : best;
     }
     keys[i] = best;
   }
-}
-
-void scan_default(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* index, int64_t m,
-                  int64_t* keys) {
-  scan_scalar(q, count, codes, index, m, keys);
 }
 
 #if FCA_HAVE_MULTIVERSION
@@ -128,7 +113,7 @@ void scan(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* 
     default: break;
   }
 #endif
-  scan_default(q, count, codes, index, m, keys);
+  scan_scalar(q, count, codes, index, m, keys);
 }
 
 // Add (sign +1) or remove (-1) a code's bits to / from a cluster's 64 per-bit counters.
