@@ -3,15 +3,20 @@
 // softmax_topk(scores, key_padding_mask, topk) -> (attn, top): attn = softmax over the keys of
 // the (already scaled) centroid scores with padded keys at weight 0, in float32 (float64 for
 // float64 input); top = the min(topk, S) keys of each row ranked by attn, descending, ties to the
-// lower key index, every padded key ranked below every real key. The softmax is ATen's
-// vectorised kernel; the selection bounds the k-th value with block maxima and sorts only the
-// few candidates that reach the bound, instead of sorting rows.
+// lower key index, every padded key ranked below every real key.
+//
+// One fused pass per row: the row max, then exp and the sum, then the normalisation, which also
+// records group maxima of the ranking values; the selection then bounds the k-th value with those
+// maxima and sorts only the few candidates that reach the bound. The selection ranks the weights
+// this op returns (not the scores): two scores that round to one weight tie, and go to the lower
+// index, exactly as ranking attn would. A row whose softmax is not finite (a NaN or infinite score
+// at a real key, or no real key at all) comes out all NaN, like ATen's softmax, and its top is
+// its real keys in index order, then its padded ones: always valid, distinct key indices.
 #include "cpu_common.h"
 
 #include <torch/library.h>
 
 #include <algorithm>
-#include <functional>
 #include <vector>
 
 namespace fca {
@@ -29,59 +34,148 @@ inline bool before(const Entry<T>& a, const Entry<T>& b) {
   return a.value > b.value || (a.value == b.value && a.index < b.index);
 }
 
-// Top k of one row in the order of `before`, written to out, best first. Rows much longer than k
-// take two passes: the maxima of blocks of W entries give a lower bound on the k-th largest value
-// (the k-th largest block maximum: k blocks, hence k entries, reach it), and only the blocks whose
-// maximum reaches that bound are scanned for candidates; the candidates (about k, more with ties)
-// are then selected and sorted. Short rows are selected and sorted whole.
+// Where the group maxima of a row came from: chunks of `per` vectors of `lanes` entries, group
+// (c, l) = the entries c * per * lanes + x * lanes + l for x < per. Entries after the last whole
+// chunk belong to no group. chunks = 0: no maxima (short row, or a row that is not finite).
+struct Groups {
+  int64_t lanes, per, chunks;
+  bool finite;
+};
+
 template <typename T, int VB>
-FCA_INLINE void select_row_variants_body(const T* attn, const bool* padded, int64_t s, int64_t k, Entry<T>* buf,
-                                T* maxima, int64_t* out) {
+FCA_INLINE typename Vec<T, VB>::type exp_vec(typename Vec<T, VB>::type x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_nonpositive_vec(x);
+  } else {
+    for (int64_t i = 0; i < Vec<T, VB>::size; ++i) x[i] = std::exp(x[i]);
+    return x;
+  }
+}
+
+// The softmax of one row of s scores into w, allowed = 1 for a real key and 0 for a padded one
+// (nullptr: all real). Padded keys get exp's harmless argument -100 and the weight 0. The
+// normalising pass stores the maxima of the ranking values (the weight, -1 for a padded key) of
+// groups of `per` entries, per chosen so that there are at least 4k groups, to g and maxima.
+template <typename T, int VB, bool kMasked>
+FCA_INLINE void softmax_row_impl(const T* x, const T* allowed, int64_t s, int64_t k, T* w, T* maxima, Groups* g) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t W = Vec<T, VB>::size;
-  auto value = [&](int64_t t) { return padded != nullptr && padded[t] ? T(-1) : attn[t]; };
+  const T lowest = -std::numeric_limits<T>::infinity();  // a row of -inf scores: inf - inf, NaN as in ATen
+  const int64_t sv = s / W * W;  // entries in whole vectors; the rest are a scalar tail
+  auto real = [&](int64_t t) { return !kMasked || allowed[t] != T(0); };
+  // 1. The max over the real keys.
+  V mx = lowest - V{};
+  for (int64_t t = 0; t < sv; t += W) {
+    V v = load_vec<V>(x + t);
+    if constexpr (kMasked) v = load_vec<V>(allowed + t) != T(0) ? v : lowest - V{};
+    mx = mx > v ? mx : v;
+  }
+  T m = lowest;
+  for (int64_t i = 0; i < W; ++i) m = mx[i] > m ? mx[i] : m;
+  for (int64_t t = sv; t < s; ++t)
+    if (real(t)) m = x[t] > m ? x[t] : m;
+  // 2. exp(x - m) and the sum. A NaN score, or inf - inf, gives NaN here and in the sum.
+  V acc = V{};
+  for (int64_t t = 0; t < sv; t += W) {
+    V arg = load_vec<V>(x + t) - m;
+    if constexpr (kMasked) {
+      const V a = load_vec<V>(allowed + t);
+      arg = a != T(0) ? arg : T(-100) - V{};
+      const V e = a * exp_vec<T, VB>(arg);
+      store_vec(w + t, e);
+      acc += e;
+    } else {
+      const V e = exp_vec<T, VB>(arg);
+      store_vec(w + t, e);
+      acc += e;
+    }
+  }
+  T total = hsum<T>(acc);
+  for (int64_t t = sv; t < s; ++t) {
+    const T e = real(t) ? exp_nonpositive(x[t] - m) : T(0);
+    w[t] = e;
+    total += e;
+  }
+  // 3. Normalise, and take the group maxima of the ranking values.
+  g->lanes = W;
+  g->chunks = 0;
+  g->finite = total > T(0) && total <= std::numeric_limits<T>::max();
+  if (!g->finite) {  // NaN, or no real key: ATen's softmax gives NaN there too
+    std::fill(w, w + s, std::numeric_limits<T>::quiet_NaN());
+    return;
+  }
+  int64_t per = 1;
+  while (per < 64 && (s / (2 * per * W)) * W >= 4 * k) per *= 2;
+  const int64_t chunks = (s / (per * W)) * W >= 4 * k ? s / (per * W) : 0;
+  g->per = per;
+  g->chunks = chunks;
+  const T inv = T(1) / total;
+  const V minus_one = T(-1) - V{};
+  for (int64_t c = 0; c < chunks; ++c) {
+    T* wc = w + c * per * W;
+    V best = minus_one;
+    for (int64_t i = 0; i < per * W; i += W) {
+      const V v = load_vec<V>(wc + i) * inv;
+      store_vec(wc + i, v);
+      V r = v;
+      if constexpr (kMasked) r = load_vec<V>(allowed + c * per * W + i) != T(0) ? v : minus_one;
+      best = best > r ? best : r;
+    }
+    store_vec(maxima + c * W, best);
+  }
+  const int64_t done = chunks * per * W, done_v = done + (sv - done) / W * W;
+  for (int64_t t = done; t < done_v; t += W) store_vec(w + t, load_vec<V>(w + t) * inv);
+  for (int64_t t = done_v; t < s; ++t) w[t] *= inv;
+}
+
+template <typename T, int VB>
+FCA_INLINE void softmax_row_body(const T* x, const T* allowed, int64_t s, int64_t k, T* w, T* maxima, Groups* g) {
+  if (allowed == nullptr) return softmax_row_impl<T, VB, false>(x, allowed, s, k, w, maxima, g);
+  softmax_row_impl<T, VB, true>(x, allowed, s, k, w, maxima, g);
+}
+FCA_MULTIVERSION(softmax_row)
+
+// Top k of one row of weights w in the order of `before` (padded keys ranked at -1), written to
+// out, best first. With group maxima (g.chunks > 0), the k-th largest group maximum bounds the
+// k-th largest value from below (k groups, hence k entries, reach it), and only the groups whose
+// maximum reaches the bound are scanned for candidates: every entry at or above the bound, ties
+// included, so the result is exact. The candidates (about k) are then selected and sorted.
+template <typename T, int VB>
+FCA_INLINE void select_row_variants_body(const T* w, const T* allowed, int64_t s, int64_t k, const T* maxima,
+                                         const Groups* g, Entry<T>* buf, T* sorted, int64_t* out) {
+  auto value = [&](int64_t t) { return allowed != nullptr && allowed[t] == T(0) ? T(-1) : w[t]; };
   auto order = [](const Entry<T>& a, const Entry<T>& b) { return before(a, b); };
-  // Blocks of `width` entries (a multiple of W, up to 8 vectors), at least 4k of them.
-  int64_t width = W;
-  while (width < 8 * W && s / (2 * width) >= 4 * k) width *= 2;
-  const int64_t blocks = s / width;
+  if (!g->finite) {  // NaN row: the real keys in index order, then the padded ones
+    int64_t n = 0;
+    for (int64_t t = 0; t < s && n < k; ++t)
+      if (allowed == nullptr || allowed[t] != T(0)) out[n++] = t;
+    for (int64_t t = 0; t < s && n < k; ++t)
+      if (allowed != nullptr && allowed[t] == T(0)) out[n++] = t;
+    return;
+  }
   int64_t n = 0;
-  if (blocks < 4 * k) {
+  if (g->chunks == 0) {
     for (int64_t t = 0; t < s; ++t) buf[t] = Entry<T>{value(t), t};
     n = s;
   } else {
-    T* sorted = maxima + blocks;
-    const V minus_one = T(-1) - V{};
-    for (int64_t b = 0; b < blocks; ++b) {
-      V m = load_vec<V>(attn + b * width);
-      for (int64_t x = 0; x < width; x += W) {
-        V v = load_vec<V>(attn + b * width + x);
-        if (padded != nullptr) {
-          V p;
-          for (int64_t w = 0; w < W; ++w) p[w] = padded[b * width + x + w] ? T(1) : T(0);
-          v = p != T(0) ? minus_one : v;
-        }
-        m = x == 0 ? v : (v > m ? v : m);
-      }
-      T lanes[W];
-      __builtin_memcpy(lanes, &m, sizeof(V));
-      T best = lanes[0];
-      for (int64_t w = 1; w < W; ++w) best = lanes[w] > best ? lanes[w] : best;
-      maxima[b] = best;
-    }
-    std::copy(maxima, maxima + blocks, sorted);
-    std::nth_element(sorted, sorted + (k - 1), sorted + blocks, [](T a, T b) { return a > b; });
+    const int64_t lanes = g->lanes, per = g->per, groups = g->chunks * lanes;
+    std::copy(maxima, maxima + groups, sorted);
+    std::nth_element(sorted, sorted + (k - 1), sorted + groups, [](T a, T b) { return a > b; });
     const T bound = sorted[k - 1];
-    for (int64_t b = 0; b < blocks; ++b) {
-      if (maxima[b] < bound) continue;
-      for (int64_t t = b * width; t < (b + 1) * width; ++t) {
+    for (int64_t gi = 0; gi < groups; ++gi) {
+      if (maxima[gi] < bound) continue;
+      const int64_t first = (gi / lanes) * per * lanes + gi % lanes;
+      for (int64_t x = 0; x < per; ++x) {
+        const int64_t t = first + x * lanes;
         const T v = value(t);
-        if (v >= bound) buf[n++] = Entry<T>{v, t};
+        buf[n] = Entry<T>{v, t};
+        n += v >= bound;
       }
     }
-    for (int64_t t = blocks * width; t < s; ++t) {  // the tail after the last whole block
+    for (int64_t t = g->chunks * per * lanes; t < s; ++t) {  // the tail after the last whole chunk
       const T v = value(t);
-      if (v >= bound) buf[n++] = Entry<T>{v, t};
+      buf[n] = Entry<T>{v, t};
+      n += v >= bound;
     }
   }
   std::nth_element(buf, buf + (k - 1), buf + n, order);
@@ -92,7 +186,7 @@ FCA_MULTIVERSION(select_row_variants)
 
 // GCC 12's AVX-512 build of this branchy routine measured up to 3x slower than its AVX2 build on
 // this project's machine (wide permutes around the scalar bookkeeping), so AVX-512 CPUs run the
-// AVX2 variant.
+// AVX2 variant. (Its vector width does not matter: the group layout comes with the maxima.)
 template <typename T, typename... A>
 void select_row(A... a) {
   if (cpu_isa() == Isa::kDefault) return select_row_variants_default<T, A...>(a...);
@@ -101,37 +195,47 @@ void select_row(A... a) {
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& scores,
+std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& scores_in,
                                                     const std::optional<at::Tensor>& key_padding_mask,
                                                     int64_t topk) {
-  check_dim(scores, 4, "scores", "(N, H, C, S)");
-  check_float(scores, "scores");
+  check_dim(scores_in, 4, "scores", "(N, H, C, S)");
+  check_float(scores_in, "scores");
   TORCH_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
-  const int64_t n = scores.size(0), h = scores.size(1), c = scores.size(2), s = scores.size(3);
+  const int64_t n = scores_in.size(0), h = scores_in.size(1), c = scores_in.size(2), s = scores_in.size(3);
   TORCH_CHECK(s >= 1, "scores need at least one key, got S = 0");
   const int64_t k = std::min(topk, s);
-  at::Tensor masked = scores;
   at::Tensor padded;
   if (key_padding_mask.has_value()) {
     padded = key_padding_mask->contiguous();
     TORCH_CHECK(padded.scalar_type() == at::kBool, "key_padding_mask must be bool, got ", padded.scalar_type());
     TORCH_CHECK(padded.dim() == 2 && padded.size(0) == n && padded.size(1) == s,
                 "key_padding_mask must have shape (N, S) = (", n, ", ", s, "), got ", padded.sizes());
-    check_same_device(scores, padded, "scores", "key_padding_mask");
-    masked = scores.masked_fill(padded.view({n, 1, 1, s}), -std::numeric_limits<double>::infinity());
+    check_same_device(scores_in, padded, "scores", "key_padding_mask");
   }
-  const at::Tensor attn = at::softmax(masked, -1, at::promote_types(scores.scalar_type(), at::kFloat)).contiguous();
+  const at::Tensor scores = scores_in.contiguous();
+  at::Tensor attn = at::empty_like(scores, at::MemoryFormat::Contiguous);
   at::Tensor top = at::empty({n, h, c, k}, scores.options().dtype(at::kLong));
-  AT_DISPATCH_FLOATING_TYPES(attn.scalar_type(), "softmax_topk", [&] {
-    const scalar_t* a = attn.const_data_ptr<scalar_t>();
-    const bool* pad = key_padding_mask.has_value() ? padded.const_data_ptr<bool>() : nullptr;
+  AT_DISPATCH_FLOATING_TYPES(scores.scalar_type(), "softmax_topk", [&] {
+    const scalar_t* x = scores.const_data_ptr<scalar_t>();
+    scalar_t* a = attn.mutable_data_ptr<scalar_t>();
     int64_t* out = top.mutable_data_ptr<int64_t>();
-    at::parallel_for(0, n * h * c, grain_for(2 * s), [&](int64_t begin, int64_t end) {
+    std::vector<scalar_t> allowed;  // (N, S): 1 real key, 0 padded
+    if (key_padding_mask.has_value()) {
+      const bool* p = padded.const_data_ptr<bool>();
+      allowed.resize(n * s);
+      for (int64_t i = 0; i < n * s; ++i) allowed[i] = p[i] ? scalar_t(0) : scalar_t(1);
+    }
+    at::parallel_for(0, n * h * c, grain_for(4 * s), [&](int64_t begin, int64_t end) {
       std::vector<Entry<scalar_t>> buf(s);
-      std::vector<scalar_t> maxima(2 * s + 2);  // block maxima and their sorted copy (blocks <= s)
-      for (int64_t row = begin; row < end; ++row)
-        select_row<scalar_t>(a + row * s, pad == nullptr ? nullptr : pad + (row / (h * c)) * s, s, k, buf.data(),
-                             maxima.data(), out + row * k);
+      std::vector<scalar_t> maxima(2 * s + kMaxLanes<scalar_t>);  // group maxima and their sorted copy
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* al = allowed.empty() ? nullptr : allowed.data() + (row / (h * c)) * s;
+        Groups g;
+        softmax_row<scalar_t>(x + row * s, al, s, k, a + row * s, maxima.data(), &g);
+        select_row<scalar_t>(static_cast<const scalar_t*>(a + row * s), al, s, k,
+                             static_cast<const scalar_t*>(maxima.data()), static_cast<const Groups*>(&g), buf.data(),
+                             maxima.data() + s, out + row * k);
+      }
     });
   });
   return {attn, top};

@@ -147,6 +147,51 @@ def test_softmax_topk_ties_go_to_lower_index():
     assert top[0, 0, 1].tolist() == [4, 0, 1, 2]
 
 
+def test_softmax_topk_ranks_the_returned_weights():
+    """The selection ranks attn, not the scores: two scores that round to one weight tie and go to the
+    lower index. Rows long enough for the group-maxima bound, with padding and exact ties."""
+    for s in (40, 1000, 8192):
+        scores = torch.randn(2, 2, 3, s, generator=gen(s)) * 0.5 - 3
+        scores[..., 0] = 0.5
+        scores[..., 1] = 0.0
+        scores[..., 3] = 1e-8  # -0.5 and -0.5 + 1e-8 round to one float: one weight, though score 3 is larger
+        scores[:, :, 2, 10::7] = scores[:, :, 2, 10:11]  # exact ties
+        kpm = torch.rand(2, s, generator=gen(s + 1)) < 0.25
+        kpm[:, :4] = False
+        for mask in (None, kpm):
+            attn, top = OPS.softmax_topk(scores, mask, 32)
+            assert torch.equal(attn[..., 1], attn[..., 3])  # the construction's premise
+            rank = attn if mask is None else attn.masked_fill(mask[:, None, None, :], -1.0)
+            assert torch.equal(top, rank.sort(dim=-1, descending=True, stable=True).indices[..., :32])
+            assert bool((top[..., 1] == 1).all() and (top[..., 2] == 3).all())
+            ref = torch.softmax(scores if mask is None else scores.masked_fill(mask[:, None, None, :], float("-inf")), -1)
+            assert rel_err(attn, ref) < TOL[torch.float32]
+
+
+def test_softmax_topk_non_finite_rows_are_nan_with_valid_indices():
+    """A NaN or +inf score at a real key, a row of -inf and a row with every key padded give NaN
+    weights, as ATen's softmax does, and top still holds distinct keys in 0..S-1, real ones first."""
+    for s in (5, 300, 8192):
+        x = torch.randn(2, 2, 4, s, generator=gen(s))
+        x[:, 0, 0, 2] = float("nan")
+        x[:, 0, 1, 4] = float("inf")
+        x[:, 0, 2, :] = float("-inf")
+        x[:, 1, 3, 3] = float("nan")  # at a padded key (odd keys below): ignored
+        kpm = (torch.arange(s) % 2 == 1)[None].repeat(2, 1)
+        kpm[1] = True  # every key padded
+        for mask in (None, kpm):
+            for topk in (1, 3, 2 * s):
+                attn, top = OPS.softmax_topk(x, mask, topk)
+                ref = torch.softmax(x if mask is None else x.masked_fill(mask[:, None, None, :], float("-inf")), -1)
+                assert torch.equal(torch.isnan(attn), torch.isnan(ref)), (s, mask is not None, topk)
+                assert bool(((top >= 0) & (top < s)).all())
+                kk = min(topk, s)
+                assert all(len(set(row.tolist())) == kk for row in top.reshape(-1, kk))
+                if mask is not None:  # real keys first, in every row
+                    padded_rank = mask[:, None, None, :].expand_as(x).gather(-1, top).to(torch.int8)
+                    assert bool((padded_rank.diff(dim=-1) >= 0).all())
+
+
 def _topk_case(n, h, length, s, e, m, c, topk, dtype, seed, kpm_lengths=None, qpm_lengths=None):
     q, k, v = make_qkv(n, h, length, s, e, m, seed=seed, dtype=dtype, requires_grad=True)
     kpm = None if kpm_lengths is None else padding_mask(kpm_lengths, s, left=[False, True])
@@ -466,7 +511,7 @@ import torch
 from fairseq_plugin.ops import clustered_attention, improved_clustered_attention, compiled
 assert compiled.load(), compiled.load_error()
 g = torch.Generator().manual_seed(0)
-for length, e, topk in ((300, 64, 32), (77, 19, 9)):
+for length, e, topk in ((300, 64, 32), (77, 19, 9), (150, 40, 57)):
     q, k, v = (torch.randn(2, 3, length, e, generator=g, dtype=torch.float64) for _ in range(3))
     kpm = torch.zeros(2, length, dtype=torch.bool); kpm[1, length // 2:] = True
     for fn, extra in ((clustered_attention, {}), (improved_clustered_attention, {"topk": topk})):
@@ -505,6 +550,19 @@ for n, h, length, c, iterations, bits, kind in ((1, 4, 1024, 100, 10, 63, "centr
         got = torch.ops.fairseq_clustered.hamming_kmeans(codes, init, reseed, mask, bits)
         want = kmeans_from_seeds(codes, bits, init, reseed, mask)
         assert all(torch.equal(a, b) for a, b in zip(got, want)), ("kmeans", n, h, length, c, kind, mask is not None)
+# softmax_topk on long rows (the group-maxima bound), padded or not, with exact ties: attn close to
+# ATen's softmax, top exactly the stable ranking of attn.
+x = torch.randn(2, 2, 3, 8192, generator=g)
+x[..., 5::9] = x[..., 5:6]
+kpm = torch.rand(2, 8192, generator=g) < 0.3
+for dtype in (torch.float32, torch.float64):
+    for mask in (None, kpm):
+        for kk in (1, 32, 300):
+            attn, top = torch.ops.fairseq_clustered.softmax_topk(x.to(dtype), mask, kk)
+            xm = x.to(dtype) if mask is None else x.to(dtype).masked_fill(mask[:, None, None], float("-inf"))
+            assert float((attn - torch.softmax(xm, -1)).abs().max()) < 2e-5, ("softmax_topk", dtype, kk)
+            rank = attn if mask is None else attn.masked_fill(mask[:, None, None], -1.0)
+            assert torch.equal(top, rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk]), ("top", dtype, kk)
 torch.set_num_threads(1)  # the other parallel split of k-means: whole rows per thread vs queries of a row
 codes = lsh_hash(torch.randn(2, 1, 700, 64, generator=g), draw_planes(63, 64, True, g))
 init, reseed = draw_kmeans_seeds(2, 1, 700, 30, 8, torch.zeros(2, 700, dtype=torch.bool), g, codes.device)
