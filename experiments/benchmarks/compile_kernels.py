@@ -6,8 +6,10 @@ configurations are the module-level ``CONFIGS`` lists of the files under fairseq
 (format: that package's docstring). One row per (configuration, arch):
 
 * registers: ``REG`` of ``cuobjdump --dump-resource-usage`` on the cubin (cuobjdump ships in the wheel);
-* spills: spill stores + spill loads (bytes) that ``ptxas -v`` reports for the kernel's PTX, run
-  with the wheel's ptxas for that arch and triton's register-allocation flag;
+* spills: spill stores + spill loads (bytes) in the ``ptxas -v`` log of triton's own ptxas call
+  (``TRITON_DUMP_PTXAS_LOG=1``, every configuration compiled afresh with ``TRITON_ALWAYS_COMPILE=1``):
+  the ptxas and flags of the installed triton (3.9: ``ptxas-blackwell`` from sm_90 on, with
+  ``--regAllocOptLevel=2``; 3.6: ``ptxas`` below sm_100, without it);
 * shared memory: ``metadata.shared`` (bytes);
 * tile: for configurations whose kernel multiplies tiles (``tile_products``), whether the PTX holds
   tensor-core instructions: ``mma.sync`` (sm_80) / ``wgmma.mma_async`` (sm_90).
@@ -16,7 +18,8 @@ Arguments are compiled without the divisibility-by-16 hints the JIT adds for ali
 sizes: the variant that runs on unaligned views (the aligned ones vectorise, and for the
 clustering kernels used no more registers). It fails (exit 1, one line per failure) on a compile
 error, a spill, shared memory over the arch's per-block limit, or an sm_90 tile product without
-wgmma. The table also goes to a CSV.
+wgmma. The table also goes to a CSV; the first line of the output names the triton that compiled
+it (PYTHONPATH=DIR runs another triton: tests/ops/test_triton_compat.py).
 
     python experiments/benchmarks/compile_kernels.py --arch sm_80,sm_90
     python experiments/benchmarks/compile_kernels.py --arch sm_90 --only kmeans,aggregate --jobs 2
@@ -27,8 +30,10 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import csv
 import importlib
+import io
 import multiprocessing
 import os
 import pkgutil
@@ -41,6 +46,8 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 os.environ.pop("TRITON_INTERPRET", None)  # interpreted kernels cannot be compiled; before triton loads
+os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # triton prints its ptxas -v log: the spills (_spills)
+os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # ... which a cache hit would skip
 warnings.filterwarnings("ignore", message=".*TRITON_DEFAULT_FP_FUSION.*")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -86,24 +93,14 @@ def _registers(cubin: bytes, function: str) -> int:
     return int(re.search(r"REG:(\d+)", block).group(1))
 
 
-def _spills(ptx: str, arch: int) -> int:
-    """Spill stores + loads (bytes) from ``ptxas -v``, with the ptxas triton uses for the arch:
-    the wheel's ``ptxas`` below sm_90, its newer ``ptxas-blackwell`` (triton 3.9) from sm_90 on."""
-    gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        errors = []
-        for name in ("ptxas", "ptxas-blackwell")[:: -1 if arch >= 90 else 1]:
-            if not _tool(name).exists():
-                continue
-            cmd = [str(_tool(name)), "-v", "--regAllocOptLevel=2", f"--gpu-name={gpu}", f.name, "-o", os.devnull]
-            run = subprocess.run(cmd, capture_output=True, text=True)
-            if run.returncode == 0:
-                found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", run.stderr)
-                return sum(int(a) + int(b) for a, b in found)
-            errors.append(run.stderr.strip().splitlines()[-1:])
-    raise RuntimeError(f"ptxas -v failed: {errors}")
+def _spills(ptxas_log: str, function: str) -> int:
+    """Spill stores + loads (bytes) of ``function`` in the ``ptxas -v`` log that triton printed while
+    compiling it (so the ptxas binary and flags are the installed triton's own, whatever its version)."""
+    entry = ptxas_log.split(f"Compiling entry function '{function}'", 1)
+    found = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", entry[-1].split("Compiling entry", 1)[0])
+    if len(entry) < 2 or not found:
+        raise RuntimeError(f"no ptxas -v report for {function} (TRITON_DUMP_PTXAS_LOG ignored?): {ptxas_log[-300:]!r}")
+    return sum(int(a) + int(b) for a, b in found)
 
 
 def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
@@ -125,11 +122,13 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
     try:
         options = {"num_warps": row["num_warps"], "num_stages": row["num_stages"]}
         source = ASTSource(fn, signature, constexprs)
-        kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
+        with contextlib.redirect_stdout(io.StringIO()) as ptxas_log:  # triton prints the ptxas -v log
+            kernel = triton.compile(source, target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as err:  # a compile error is a result, not a crash of the check
         row["status"] = "compile error: " + " ".join(str(err).split())[:300]
         return row
-    registers, spills = _registers(kernel.asm["cubin"], kernel.metadata.name), _spills(kernel.asm["ptx"], arch)
+    function = kernel.metadata.name
+    registers, spills = _registers(kernel.asm["cubin"], function), _spills(ptxas_log.getvalue(), function)
     shared = int(kernel.metadata.shared)
     ptx = kernel.asm["ptx"]
     has_tile = TILE_INSTRUCTION[arch] in ptx
@@ -173,6 +172,9 @@ def main(argv=None) -> int:
             last[(name, importlib.import_module(f"{PACKAGE}.{name}").CONFIGS[index]["kernel"].__name__)] = index
         chosen = [(name, index) for (name, _), index in last.items()]
     jobs = [(name, index, arch) for name, index in chosen for arch in arches]
+    import triton
+
+    print(f"triton {triton.__version__} ({Path(triton.__file__).parent})", flush=True)
     if args.jobs > 1:
         context = multiprocessing.get_context("fork")  # the workers inherit the imported modules
         with concurrent.futures.ProcessPoolExecutor(args.jobs, mp_context=context) as pool:

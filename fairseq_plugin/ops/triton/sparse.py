@@ -122,6 +122,7 @@ def _topk_attn_fwd(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
+    _, qidx, valid = _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M)  # reloaded, not kept live across the loop
     o = acc / l_i[:, None]  # (BLOCK_M, BLOCK_D) fp32; NaN for a NaN or all-padded row
     mass = tl.load(MASS + bh * C + j)
     rest = tl.load(REST + (bh * C + j) * M + cd, mask=cd < M, other=0.0)
@@ -190,11 +191,13 @@ def _topk_attn_bwd(
         )
         if not SPLIT_DQ:
             dq += _dot(ds.to(k.dtype), k, IEEE)
-        dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)  # (BLOCK_N, BLOCK_D)
-        dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale  # (BLOCK_N, BLOCK_E)
         key = used[:, None]
-        tl.atomic_add(DV + bh * S * M + (t[:, None] * M + cd[None, :]), dv, mask=key & (cd < M)[None, :])
-        tl.atomic_add(DK + bh * S * E + (t[:, None] * E + ce[None, :]), dk, mask=key & (ce < E)[None, :])
+        dv = _dot(tl.trans(p.to(do.dtype)), do, IEEE)  # (BLOCK_N, BLOCK_D)
+        tl.atomic_add(DV + bh * S * M + (t[:, None] * M + cd[None, :]), dv, mask=key & (cd < M)[None, :],
+                      sem="relaxed")  # dV dies here, before dK is made
+        dk = _dot(tl.trans(ds.to(q.dtype)), q, IEEE) * scale  # (BLOCK_N, BLOCK_E)
+        tl.atomic_add(DK + bh * S * E + (t[:, None] * E + ce[None, :]), dk, mask=key & (ce < E)[None, :],
+                      sem="relaxed")
     if SPLIT_DQ:  # a second pass for dQ: the dQ accumulator is not live beside dK/dV (no spills)
         for kb in range(0, KK, BLOCK_N):
             t, used, k, p, ds = _bwd_chunk(
@@ -202,6 +205,8 @@ def _topk_attn_bwd(
                 IEEE, CAST_F32, BLOCK_N, BLOCK_E, BLOCK_D,
             )
             dq += _dot(ds.to(k.dtype), k, IEEE)
+    # reloaded rather than kept live across the loops (with triton 3.6 they spilled at head dim 128)
+    _, qidx, valid = _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M)
     tl.store(
         DQ + bh * L * E + (qidx[:, None] * E + ce[None, :]),
         (dq * scale).to(DQ.dtype.element_ty),
@@ -218,17 +223,19 @@ def _blocks(e: int, m: int, dtype: torch.dtype, backward: bool, interpreted: boo
 
     On the GPU: tiles of 64 queries (32 in fp32, whose IEEE dots hold more registers), head dims
     padded to 64 or 128, 32 keys a step (16 in the backward at head dim 128, whose dQ then takes
-    a second pass; fp32 as below). Few configurations, none spilling on sm_80 or sm_90 (see CONFIGS). Under the
-    interpreter small tiles, so that the tests' small shapes cross tile and key-chunk boundaries,
-    and both backward variants run."""
+    a second pass; fp32 as below). Few configurations, none spilling on sm_80 or sm_90 with triton
+    3.6 or 3.9 (see CONFIGS). Under the interpreter small tiles, so that the tests' small shapes
+    cross tile and key-chunk boundaries, and both backward variants run."""
     if interpreted:
         blocks = {"BLOCK_M": 16, "BLOCK_N": 16, "BLOCK_E": max(16, triton.next_power_of_2(e)),
                   "BLOCK_D": max(16, triton.next_power_of_2(m))}
         return {**blocks, "SPLIT_DQ": max(e, m) > 16} if backward else blocks
     head = 64 if max(e, m) <= 64 else 128
     if dtype == torch.float32:
-        # (fp32 forward at head dim 64 spills 16 bytes on sm_90 with 32 keys a step, and with 16 at 128)
-        blocks = {"BLOCK_M": 32, "BLOCK_N": 16 if backward or head == 64 else 32, "BLOCK_E": head, "BLOCK_D": head}
+        # keys a step: none of these spills on sm_80 / sm_90 with triton 3.6 or 3.9 (32 in the forward at
+        # head dim 64 spilled on sm_90, and 16 in the backward at 64 with triton 3.6's code)
+        keys = {(False, 64): 16, (False, 128): 32, (True, 64): 32, (True, 128): 16}[backward, head]
+        blocks = {"BLOCK_M": 32, "BLOCK_N": keys, "BLOCK_E": head, "BLOCK_D": head}
         return {**blocks, "SPLIT_DQ": False} if backward else blocks
     if not backward:
         return {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_E": head, "BLOCK_D": head}
