@@ -2,7 +2,8 @@
 every kernel file of fairseq_plugin/ops/triton/.
 
 To stay within a minute on 2 cores it compiles ``--sample`` (the last, usually the largest,
-configuration of every kernel) for sm_80 and sm_90; CI runs the full grid with the program itself.
+configuration of every kernel) for sm_80 and sm_90 with the venv's triton; test_triton_compat.py runs the
+full grid with triton 3.6, and the program itself runs it with any triton.
 It runs in a subprocess and this process never imports triton (the interpreter tests need to
 choose the interpreter before triton is imported).
 """
