@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <limits>
+#include <utility>
 #include <vector>
 
 namespace fca {
@@ -44,15 +45,23 @@ void group_by_cluster(const int64_t* assignment, int64_t length, int64_t cluster
 
 inline int64_t round_up(int64_t x, int64_t w) { return (x + w - 1) / w * w; }
 
-// Members are processed QB at a time: QB independent accumulator chains hide the FMA latency,
-// and each tile row loaded from L1 serves QB queries.
+// Backward: members are processed QB at a time: QB independent accumulator chains hide the FMA
+// latency, and each tile row loaded from L1 serves QB queries.
 constexpr int64_t QB = 4;
+
+// Forward: G members at a time against NV vectors of keys (or of value features): G x NV
+// accumulators in registers (12 of AVX2's 16, 16 of AVX-512's 32), and each tile row loaded
+// serves G queries. kMaxG is the largest G of any variant.
+template <int VB>
+constexpr int kGroup = VB == 64 ? 4 : 3;
+constexpr int kMaxG = 4;
+constexpr int kNV = 4;
 
 // Scratch sizes (elements) of the forward and backward tiles for k keys, E and M features.
 template <typename T>
 int64_t forward_scratch(int64_t k, int64_t e, int64_t m) {
   const int64_t kp = round_up(k, kMaxLanes<T>), mp = round_up(m, kMaxLanes<T>);
-  return e * kp + kp * mp + kp + QB * (e + kp + mp);
+  return e * kp + kp * mp + kp + kMaxG * kp + kMaxLanes<T>;
 }
 template <typename T>
 int64_t backward_scratch(int64_t k, int64_t e, int64_t m) {
@@ -60,64 +69,163 @@ int64_t backward_scratch(int64_t k, int64_t e, int64_t m) {
   return 2 * kp * ep + 2 * kp * mp + QB * (2 * kp + 2 * ep + mp);
 }
 
-// One cluster of one (n, h): gather its keys (transposed, E x kp) and values (kp x mp) into
-// zero-padded tiles, then the members' scores, softmax and weighted sums, QB members at a time.
+// In-register transpose of W vectors of W lanes: at level B, rows i and i + B (bit B of i clear)
+// exchange bit B of the row and the column index, two two-source shuffles per pair; all levels
+// together exchange every bit, which is the transpose (log2(W) levels, W shuffles each).
+template <int B, typename V, std::size_t... I>
+FCA_INLINE void swap_blocks(V& a, V& b, std::index_sequence<I...>) {
+  constexpr int W = sizeof...(I);
+  const V lo = __builtin_shufflevector(a, b, ((I & B) ? W + I - B : I)...);
+  const V hi = __builtin_shufflevector(a, b, ((I & B) ? W + I : I + B)...);
+  a = lo;
+  b = hi;
+}
+template <int B, int W, typename V>
+FCA_INLINE void transpose_levels(V* r) {
+  if constexpr (B >= 1) {
+    for (int i = 0; i < W; ++i)
+      if ((i & B) == 0) swap_blocks<B>(r[i], r[i + B], std::make_index_sequence<W>{});
+    transpose_levels<B / 2, W>(r);
+  }
+}
+
+// s[g][t0 + x] = scale * q_g . k_(t0 + x) for G queries and NV * W keys of the transposed tile kt.
+template <typename T, int VB, int G, int NV>
+FCA_INLINE void scores_block(const T* const* qrow, const T* kt, int64_t kp, int64_t e_dim, int64_t t0, T scale,
+                             T* s) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  V acc[G][NV] = {};
+  for (int64_t e = 0; e < e_dim; ++e) {
+    V row[NV];
+    for (int v = 0; v < NV; ++v) row[v] = load_vec<V>(kt + e * kp + t0 + v * W);
+    for (int g = 0; g < G; ++g) {
+      const T b = qrow[g][e];
+      for (int v = 0; v < NV; ++v) acc[g][v] += b * row[v];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) store_vec(s + g * kp + t0 + v * W, acc[g][v] * scale);
+}
+
+// out_g[m0 + x] = sum_t w_gt v_t[m0 + x] for G queries and NV * W features of the value tile vt;
+// a vector that reaches past M goes through tmp, so no row of out is overrun.
+template <typename T, int VB, int G, int NV>
+FCA_INLINE void values_block(const T* s, int64_t kp, const T* vt, int64_t k, int64_t mp, int64_t m_dim, int64_t m0,
+                             T* const* orow, T* tmp) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  V acc[G][NV] = {};
+  for (int64_t t = 0; t < k; ++t) {
+    V row[NV];
+    for (int v = 0; v < NV; ++v) row[v] = load_vec<V>(vt + t * mp + m0 + v * W);
+    for (int g = 0; g < G; ++g) {
+      const T w = s[g * kp + t];
+      for (int v = 0; v < NV; ++v) acc[g][v] += w * row[v];
+    }
+  }
+  for (int g = 0; g < G; ++g)
+    for (int v = 0; v < NV; ++v) {
+      const int64_t m = m0 + v * W;
+      if (m + W <= m_dim) {
+        store_vec(orow[g] + m, acc[g][v]);
+      } else {
+        store_vec(tmp, acc[g][v]);
+        for (int64_t x = 0; x < m_dim - m; ++x) orow[g][m + x] = tmp[x];
+      }
+    }
+}
+
+// G members (rows qrow, outputs orow, weights wrow) of one cluster against its gathered tiles.
+template <typename T, int VB, int G>
+FCA_INLINE void forward_group(const T* const* qrow, T* const* orow, T* const* wrow, const T* kt, const T* vt,
+                              const T* allowed, int64_t k, int64_t e_dim, int64_t m_dim, T scale, T* s, T* tmp) {
+  constexpr int64_t W = Vec<T, VB>::size;
+  const int64_t kp = round_up(k, W), mp = round_up(m_dim, W);
+  for (int64_t t0 = 0; t0 < kp; t0 += kNV * W) {
+    switch ((kp - t0) / W) {
+      case 1: scores_block<T, VB, G, 1>(qrow, kt, kp, e_dim, t0, scale, s); break;
+      case 2: scores_block<T, VB, G, 2>(qrow, kt, kp, e_dim, t0, scale, s); break;
+      case 3: scores_block<T, VB, G, 3>(qrow, kt, kp, e_dim, t0, scale, s); break;
+      default: scores_block<T, VB, G, kNV>(qrow, kt, kp, e_dim, t0, scale, s); break;
+    }
+  }
+  for (int g = 0; g < G; ++g) masked_softmax<T, VB>(s + g * kp, allowed, kp);
+  for (int64_t m0 = 0; m0 < mp; m0 += kNV * W) {
+    switch ((mp - m0) / W) {
+      case 1: values_block<T, VB, G, 1>(s, kp, vt, k, mp, m_dim, m0, orow, tmp); break;
+      case 2: values_block<T, VB, G, 2>(s, kp, vt, k, mp, m_dim, m0, orow, tmp); break;
+      case 3: values_block<T, VB, G, 3>(s, kp, vt, k, mp, m_dim, m0, orow, tmp); break;
+      default: values_block<T, VB, G, kNV>(s, kp, vt, k, mp, m_dim, m0, orow, tmp); break;
+    }
+  }
+  for (int g = 0; g < G; ++g) std::copy(s + g * kp, s + g * kp + k, wrow[g]);
+}
+
+// One cluster of one (n, h): gather its keys (transposed, E x kp, W x W blocks transposed in
+// registers) and values (kp x mp) into zero-padded tiles, then the members' scores, softmax and
+// weighted sums, G members at a time (a short last group runs with fewer).
 template <typename T, int VB>
 FCA_INLINE void forward_cluster_body(const T* q, const T* key, const T* value, const bool* kpad,
                                      const int64_t* members, int64_t count, const int64_t* top, int64_t k,
                                      int64_t e_dim, int64_t m_dim, T scale, T* out, T* weights, T* scratch) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t W = Vec<T, VB>::size;
+  constexpr int G = kGroup<VB>;
   const int64_t kp = round_up(k, W), mp = round_up(m_dim, W);
   T* kt = scratch;               // (E, kp)
   T* vt = kt + e_dim * kp;       // (kp, mp)
   T* allowed = vt + kp * mp;     // (kp): 1 real key, 0 padded key or padding column
-  T* qs = allowed + kp;          // (QB, E): the group's queries, scaled
-  T* s = qs + QB * e_dim;        // (QB, kp): scores, then weights
-  T* o = s + QB * kp;            // (QB, mp): outputs
-  // The caller zeroes scratch once: the padding columns (t >= k, m >= M) stay zero, and every
-  // real entry is overwritten below.
-  for (int64_t t = 0; t < k; ++t) {
-    const int64_t key_index = top[t];
-    const T* kr = key + key_index * e_dim;
-    for (int64_t e = 0; e < e_dim; ++e) kt[e * kp + t] = kr[e];
-    std::copy(value + key_index * m_dim, value + (key_index + 1) * m_dim, vt + t * mp);
-    allowed[t] = (kpad != nullptr && kpad[key_index]) ? T(0) : T(1);
+  T* s = allowed + kp;           // (G, kp): scores, then weights
+  T* tmp = s + kMaxG * kp;       // (W): a partial output vector
+  const int64_t ev = e_dim / W * W;
+  for (int64_t t0 = 0; t0 < kp; t0 += W) {
+    const T* src[W];
+    for (int64_t x = 0; x < W; ++x) src[x] = t0 + x < k ? key + top[t0 + x] * e_dim : nullptr;
+    for (int64_t e0 = 0; e0 < ev; e0 += W) {
+      V r[W];
+      for (int64_t x = 0; x < W; ++x) r[x] = src[x] != nullptr ? load_vec<V>(src[x] + e0) : V{};
+      transpose_levels<W / 2, W>(r);
+      for (int64_t x = 0; x < W; ++x) store_vec(kt + (e0 + x) * kp + t0, r[x]);
+    }
+    for (int64_t e = ev; e < e_dim; ++e)
+      for (int64_t x = 0; x < W; ++x) kt[e * kp + t0 + x] = src[x] != nullptr ? src[x][e] : T(0);
   }
-  for (int64_t g0 = 0; g0 < count; g0 += QB) {
-    const int64_t group = count - g0 < QB ? count - g0 : QB;
+  for (int64_t t = 0; t < kp; ++t) {
+    T* vr = vt + t * mp;
+    if (t < k) {
+      const int64_t key_index = top[t];
+      std::copy(value + key_index * m_dim, value + (key_index + 1) * m_dim, vr);
+      std::fill(vr + m_dim, vr + mp, T(0));
+      allowed[t] = (kpad != nullptr && kpad[key_index]) ? T(0) : T(1);
+    } else {
+      std::fill(vr, vr + mp, T(0));
+      allowed[t] = T(0);
+    }
+  }
+  for (int64_t g0 = 0; g0 < count; g0 += G) {
+    const int64_t group = count - g0 < G ? count - g0 : G;
     // Members are scattered over the sequence: fetch the next group's rows while this one computes.
-    for (int64_t g = g0 + QB; g < g0 + 2 * QB && g < count; ++g) {
+    for (int64_t g = g0 + G; g < g0 + 2 * G && g < count; ++g) {
       for (int64_t off = 0; off < e_dim; off += 64 / static_cast<int64_t>(sizeof(T)))
         __builtin_prefetch(q + members[g] * e_dim + off);
       for (int64_t off = 0; off < m_dim; off += 64 / static_cast<int64_t>(sizeof(T)))
         __builtin_prefetch(out + members[g] * m_dim + off, 1);
     }
-    for (int64_t g = 0; g < QB; ++g) {  // a short last group repeats its first query
-      const T* qi = q + members[g0 + (g < group ? g : 0)] * e_dim;
-      for (int64_t e = 0; e < e_dim; ++e) qs[g * e_dim + e] = qi[e] * scale;
-    }
-    for (int64_t t0 = 0; t0 < kp; t0 += W) {  // s = (scale q) K_T^T, W keys x QB queries at a time
-      V acc[QB] = {};
-      for (int64_t e = 0; e < e_dim; ++e) {
-        const V row = load_vec<V>(kt + e * kp + t0);
-        for (int64_t g = 0; g < QB; ++g) acc[g] += qs[g * e_dim + e] * row;
-      }
-      for (int64_t g = 0; g < QB; ++g) store_vec(s + g * kp + t0, acc[g]);
-    }
-    for (int64_t g = 0; g < QB; ++g) masked_softmax<T, VB>(s + g * kp, allowed, kp);
-    for (int64_t m0 = 0; m0 < mp; m0 += W) {  // o = w V_T, W features x QB queries at a time
-      V acc[QB] = {};
-      for (int64_t t = 0; t < k; ++t) {
-        const V row = load_vec<V>(vt + t * mp + m0);
-        for (int64_t g = 0; g < QB; ++g) acc[g] += s[g * kp + t] * row;
-      }
-      for (int64_t g = 0; g < QB; ++g) store_vec(o + g * mp + m0, acc[g]);
-    }
+    const T* qrow[G] = {};
+    T* orow[G] = {};
+    T* wrow[G] = {};
     for (int64_t g = 0; g < group; ++g) {
       const int64_t i = members[g0 + g];
-      std::copy(s + g * kp, s + g * kp + k, weights + i * k);
-      std::copy(o + g * mp, o + g * mp + m_dim, out + i * m_dim);
+      qrow[g] = q + i * e_dim;
+      orow[g] = out + i * m_dim;
+      wrow[g] = weights + i * k;
+    }
+    switch (group) {
+      case 1: forward_group<T, VB, 1>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      case 2: forward_group<T, VB, 2>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      case 3: forward_group<T, VB, 3>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      default: forward_group<T, VB, G>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
     }
   }
 }
