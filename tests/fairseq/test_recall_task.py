@@ -1,8 +1,8 @@
 """--task associative_recall: the MQAR generator, its one-line option errors through the real
 fairseq-train, its --help, and a learning check through fairseq-sweep (the local executor).
 
-The learning check trains the softmax arm of a reduced recall sweep and asks for a valid
-accuracy far above chance (see RECALL_MARGIN). Everything else runs in well under a second per
+The learning check trains the softmax arm of the short ranking sweep and asks for a valid
+accuracy that only recall reaches (see RECALL_MARGIN). Everything else runs in well under a second per
 case, except the fairseq-train commands (about 3 s each: fairseq's start-up).
 """
 
@@ -148,47 +148,43 @@ def test_bad_options_are_one_line_errors(tmp_path, args, words):
     assert "num_updates" not in proc.stdout + proc.stderr  # nothing trained
 
 
-# --- the learning check: the softmax arm of the recall sweep, shrunk, through fairseq-sweep ------
+# --- the learning check: the softmax arm really recalls, through fairseq-sweep ------------------
 
-SWEEP = REPO / "experiments" / "recall" / "sweep.yaml"
-UPDATES = 200
-# Chance for 4 pairs over 64 key/value tokens: 2/64 = 3.1 % (a uniform guess over the values).
-# Measured with exactly this configuration (docs/results.md section 5): 22.95, 22.85, 23.93 % for
-# seeds 1-3 (clustered and i-clustered alike, hardmax ~10 %), the level of a model that answers with
-# one of the 4 values of its sequence (25 %); recall proper (above 25 %) takes far more updates than
-# CI can pay for. The margin asks for 4x chance, about half the measured level: a model that has not
-# learned to attend to the values of its own sequence cannot reach it.
-RECALL_MARGIN = 12.5
+RANKING = REPO / "experiments" / "recall" / "ranking.yaml"
+UPDATES = 1000
+# experiments/recall/ranking.yaml (17 tokens, 4 pairs, 4 queries, V = 16; docs/results.md section 5),
+# softmax arm, model seed 3: chance is 12.5 % (a uniform guess over the 8 values) and 25 % (answering
+# with some value of the sequence); recall proper is above 25 %. Measured on the development machine:
+# seed 3 jumps from the 25 % plateau to 100 % between updates 250 and 500 at lr 2e-3 (and between 500
+# and 750 at lr 1e-3), so 1,000 updates leave a 2x margin for another CPU's rounding to move the jump.
+# Most other seeds stay on the plateau for 1,500 updates and more (the phase transition MQAR is known
+# for), which is why the check pins the seed instead of pooling several. The margin asks for more than
+# twice the plateau: only a model that binds each query to its key's value reaches it.
+RECALL_MARGIN = 60.0
 
 
-def test_softmax_arm_of_a_reduced_recall_sweep_beats_chance(tmp_path):
+def test_softmax_arm_of_the_ranking_sweep_recalls(tmp_path):
     from experiments.recall.prepare import main as prepare
 
-    data = prepare(["--out", str(tmp_path / "data"), "--vocab-size", "64"])
+    data = prepare(["--out", str(tmp_path / "data"), "--vocab-size", "16"])
     overrides = [
         f"root={tmp_path / 'sweeps'}", f"data.path={data}", "data.prepare=null", "name=recall-ci",
-        "arms=[{name: softmax, arch: softmax_transformer}]", "grid.tokens_per_sample=[64]", "seeds=[1,2]",
-        "fairseq.max_positions=64", "fairseq.vocab_size=64", "fairseq.num_pairs=4", "fairseq.num_queries=4",
-        "fairseq.max_tokens=2048", "fairseq.train_size=4000", "fairseq.valid_size=256",
-        "fairseq.validate_interval_updates=100", "fairseq.save_interval_updates=100", f"budget.max_update={UPDATES}",
-        "resources.parallel=2", "model.encoder_init=bert", "model.predict_at=value",  # the measured configuration
+        "arms=[{name: softmax, arch: softmax_transformer}]", "seeds=[3]", f"budget.max_update={UPDATES}",
     ]  # fmt: skip
-    proc = subprocess.run([sys.executable, "-m", "slurm", "run", str(SWEEP), *overrides], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=300)  # fmt: skip
+    proc = subprocess.run([sys.executable, "-m", "slurm", "run", str(RANKING), *overrides], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     sweep_dir = tmp_path / "sweeps" / "recall-ci"
-    accuracies = []
-    for seed in (1, 2):
-        result = json.loads((sweep_dir / f"softmax_tokens_per_sample64_s{seed}" / "result.json").read_text())
-        assert result["state"] == "finished" and result["updates"] == UPDATES, result
-        assert "associative_recall" in result["command"]
-        accuracies.append(result["best_metric"])  # valid_accuracy, percent
-        logged = scalars(sweep_dir / "tb" / f"softmax_tokens_per_sample64_s{seed}" / "valid")
-        assert len(logged["accuracy"]) >= UPDATES // 100  # valid_accuracy in TensorBoard, every 100 updates
-        assert max(logged["accuracy"]) == pytest.approx(accuracies[-1], abs=0.01)
-    print(f"softmax valid accuracy after {UPDATES} updates: {accuracies} (chance 3.1 %, copy-a-value 25 %)")
-    assert min(accuracies) >= RECALL_MARGIN, accuracies
-    report = subprocess.run([sys.executable, "-m", "slurm", "report", str(SWEEP), *overrides], cwd=REPO, env=ENV,
+    result = json.loads((sweep_dir / "softmax_s3" / "result.json").read_text())
+    assert result["state"] == "finished" and result["updates"] == UPDATES, result
+    command = " ".join(result["command"])
+    assert "--task associative_recall" in command and "--predict-at key" in command and "--seed 3" in command
+    logged = scalars(sweep_dir / "tb" / "softmax_s3" / "valid")
+    assert len(logged["accuracy"]) >= UPDATES // 250  # valid_accuracy in TensorBoard, every 250 updates
+    assert max(logged["accuracy"]) == pytest.approx(result["best_metric"], abs=0.01)
+    print(f"softmax valid accuracy by update: {logged['accuracy']} (chance 12.5 %, copy-a-value 25 %)")
+    assert result["best_metric"] >= RECALL_MARGIN, logged["accuracy"]
+    report = subprocess.run([sys.executable, "-m", "slurm", "report", str(RANKING), *overrides], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
     assert "valid_accuracy" in (sweep_dir / "results.md").read_text()
