@@ -153,14 +153,16 @@ def test_bad_options_are_one_line_errors(tmp_path, args, words):
 RANKING = REPO / "experiments" / "recall" / "ranking.yaml"
 UPDATES = 1000
 # experiments/recall/ranking.yaml (17 tokens, 4 pairs, 4 queries, V = 16; docs/results.md section 5),
-# softmax arm, model seed 3: chance is 12.5 % (a uniform guess over the 8 values) and 25 % (answering
-# with some value of the sequence); recall proper is above 25 %. Measured on the development machine:
-# seed 3 jumps from the 25 % plateau to 100 % between updates 250 and 500 at lr 2e-3 (and between 500
-# and 750 at lr 1e-3), so 1,000 updates leave a 2x margin for another CPU's rounding to move the jump.
-# Most other seeds stay on the plateau for 1,500 updates and more (the phase transition MQAR is known
-# for), which is why the check pins the seed instead of pooling several. The margin asks for more than
-# twice the plateau: only a model that binds each query to its key's value reaches it.
+# softmax arm: chance is 12.5 % (a uniform guess over the 8 values) and 25 % (answering with some value
+# of the sequence); recall proper is above 25 %. Most model seeds stay on the 25 % plateau for 1,500
+# updates and more (the phase transition MQAR is known for), so the check pins two seeds that
+# recalled at every learning rate tried (1e-3 and 2e-3) on the development machine: at lr 2e-3 seed 3
+# jumps to 100 % between updates 250 and 500, seed 6 between 500 and 750. 1,000 updates leave a margin
+# for another CPU's rounding to move a jump; the two run side by side (the file's parallel: 2), so the
+# second seed costs little wall time. The margin asks for more than twice the plateau in at least one
+# of them: only a model that binds each query to its key's value reaches it.
 RECALL_MARGIN = 60.0
+SEEDS = (3, 6)
 
 
 def test_softmax_arm_of_the_ranking_sweep_recalls(tmp_path):
@@ -169,21 +171,25 @@ def test_softmax_arm_of_the_ranking_sweep_recalls(tmp_path):
     data = prepare(["--out", str(tmp_path / "data"), "--vocab-size", "16"])
     overrides = [
         f"root={tmp_path / 'sweeps'}", f"data.path={data}", "data.prepare=null", "name=recall-ci",
-        "arms=[{name: softmax, arch: softmax_transformer}]", "seeds=[3]", f"budget.max_update={UPDATES}",
+        "arms=[{name: softmax, arch: softmax_transformer}]", f"seeds=[{','.join(map(str, SEEDS))}]",
+        f"budget.max_update={UPDATES}",
     ]  # fmt: skip
     proc = subprocess.run([sys.executable, "-m", "slurm", "run", str(RANKING), *overrides], cwd=REPO, env=ENV,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     sweep_dir = tmp_path / "sweeps" / "recall-ci"
-    result = json.loads((sweep_dir / "softmax_s3" / "result.json").read_text())
-    assert result["state"] == "finished" and result["updates"] == UPDATES, result
-    command = " ".join(result["command"])
-    assert "--task associative_recall" in command and "--predict-at key" in command and "--seed 3" in command
-    logged = scalars(sweep_dir / "tb" / "softmax_s3" / "valid")
-    assert len(logged["accuracy"]) >= UPDATES // 250  # valid_accuracy in TensorBoard, every 250 updates
-    assert max(logged["accuracy"]) == pytest.approx(result["best_metric"], abs=0.01)
-    print(f"softmax valid accuracy by update: {logged['accuracy']} (chance 12.5 %, copy-a-value 25 %)")
-    assert result["best_metric"] >= RECALL_MARGIN, logged["accuracy"]
+    curves = {}
+    for seed in SEEDS:
+        result = json.loads((sweep_dir / f"softmax_s{seed}" / "result.json").read_text())
+        assert result["state"] == "finished" and result["updates"] == UPDATES, result
+        command = " ".join(result["command"])
+        assert "--task associative_recall" in command and "--predict-at key" in command and f"--seed {seed}" in command
+        logged = scalars(sweep_dir / "tb" / f"softmax_s{seed}" / "valid")
+        assert len(logged["accuracy"]) >= UPDATES // 250  # valid_accuracy in TensorBoard, every 250 updates
+        assert max(logged["accuracy"]) == pytest.approx(result["best_metric"], abs=0.01)
+        curves[seed] = [round(a, 1) for a in logged["accuracy"]]
+    print(f"softmax valid accuracy by update, by seed: {curves} (chance 12.5 %, copy-a-value 25 %)")
+    assert max(max(c) for c in curves.values()) >= RECALL_MARGIN, curves
     report = subprocess.run([sys.executable, "-m", "slurm", "report", str(RANKING), *overrides], cwd=REPO, env=ENV,
                             capture_output=True, text=True, timeout=120)  # fmt: skip
     assert report.returncode == 0, report.stderr[-3000:]
