@@ -186,6 +186,18 @@ FCA_INLINE T hsum(const V& v) {
   return total;
 }
 
+// exp of a vector of non-positive arguments (x - max): the vectorised approximation for float,
+// std::exp lane by lane for double.
+template <typename T, int VB>
+FCA_INLINE typename Vec<T, VB>::type exp_vec(typename Vec<T, VB>::type x) {
+  if constexpr (std::is_same_v<T, float>) {
+    return exp_nonpositive_vec(x);
+  } else {
+    for (int64_t i = 0; i < Vec<T, VB>::size; ++i) x[i] = std::exp(x[i]);
+    return x;
+  }
+}
+
 // In place over n (a multiple of the vector size) scores: w_t = allowed_t exp(s_t - max over
 // allowed s) / sum, all zero when nothing is allowed (allowed_t is 1 or 0).
 template <typename T, int VB>
@@ -208,13 +220,7 @@ FCA_INLINE void masked_softmax(T* s, const T* allowed, int64_t n) {
     const V a = load_vec<V>(allowed + t), x = load_vec<V>(s + t);
     // Padded keys may score above the max: give exp a harmless argument and the weight 0.
     V arg = a != T(0) ? x - m : T(-100) - V{};
-    V e;
-    if constexpr (std::is_same_v<T, float>) {
-      e = exp_nonpositive_vec(arg);
-    } else {
-      for (int64_t i = 0; i < W; ++i) e[i] = std::exp(arg[i]);
-    }
-    e = a * e;
+    const V e = a * exp_vec<T, VB>(arg);
     store_vec(s + t, e);
     sum += e;
   }

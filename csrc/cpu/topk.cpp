@@ -42,16 +42,6 @@ struct Groups {
   bool finite;
 };
 
-template <typename T, int VB>
-FCA_INLINE typename Vec<T, VB>::type exp_vec(typename Vec<T, VB>::type x) {
-  if constexpr (std::is_same_v<T, float>) {
-    return exp_nonpositive_vec(x);
-  } else {
-    for (int64_t i = 0; i < Vec<T, VB>::size; ++i) x[i] = std::exp(x[i]);
-    return x;
-  }
-}
-
 // The softmax of one row of s scores into w, allowed = 1 for a real key and 0 for a padded one
 // (nullptr: all real). Padded keys get exp's harmless argument -100 and the weight 0. The
 // normalising pass stores the maxima of the ranking values (the weight, -1 for a padded key) of
