@@ -22,6 +22,10 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   // (N, H, L, D) -> (N, H, C, D): per-cluster sums; and its adjoint (N, H, C, D) -> (N, H, L, D).
   m.def("cluster_sum(Tensor x, Tensor assignment, int clusters) -> Tensor");
   m.def("cluster_broadcast(Tensor y, Tensor assignment) -> Tensor");
+  // out[n, h, l] = mass[n, h, c] top[n, h, l] + rest[n, h, c], c = assignment[n, h, l] (0 if padded):
+  // top (N, H, L, M), mass (N, H, C), rest (N, H, C, M); and its adjoint -> (grad_top, grad_mass, grad_rest).
+  m.def("cluster_combine(Tensor top, Tensor mass, Tensor rest, Tensor assignment) -> Tensor");
+  m.def("cluster_combine_backward(Tensor grad, Tensor top, Tensor mass, Tensor assignment) -> (Tensor, Tensor, Tensor)");
   // softmax over keys of scaled centroid scores (N, H, C, S) with padded keys at 0, and the
   // min(topk, S) best keys per row, best first -> (attn float32/float64, top int64 (N, H, C, k))
   m.def("softmax_topk(Tensor scores, Tensor? key_padding_mask, int topk) -> (Tensor, Tensor)");

@@ -245,10 +245,11 @@ def improved_clustered_attention(
         v_top = v.reshape(-1, v.shape[3]).index_select(0, rows).view(n, h, c, kk, -1)  # (N, H, C, k, M)
         rest = attn.to(v.dtype) @ v - (top_attn.to(v.dtype).unsqueeze(-2) @ v_top).squeeze(-2)  # (N, H, C, M)
         top_out, _ = torch.ops.fairseq_clustered.topk_attention(q, k, v, assignment, top, key_padding_mask, scale)
-    else:
-        attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
-        topk_mass, rest, top_out = _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask)
-
+        # m̂·top + rest in one pass over the queries; padded queries (assignment -1) come out zero.
+        out = torch.ops.fairseq_clustered.cluster_combine(top_out, topk_mass.to(v.dtype), rest, assignment)
+        return (out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])) if return_clusters else out
+    attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
+    topk_mass, rest, top_out = _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask)
     mass = _broadcast(topk_mass.unsqueeze(-1), assignment).to(v.dtype)  # (N, H, L, 1)
     out = torch.addcmul(_broadcast(rest, assignment), mass, top_out)  # m̂·top + rest in one pass
     out = _zero_padded_queries(out, query_padding_mask)

@@ -120,6 +120,15 @@ def _register_python_parts() -> None:
         n, h, _, d = y.shape
         return y.new_empty(n, h, assignment.shape[2], d)
 
+    @torch.library.register_fake(lib + "cluster_combine")
+    def _(top, mass, rest, assignment):
+        return torch.empty_like(top)
+
+    @torch.library.register_fake(lib + "cluster_combine_backward")
+    def _(grad, top, mass, assignment):
+        n, h, c = mass.shape
+        return torch.empty_like(top), torch.empty_like(mass), top.new_empty(n, h, c, top.shape[3])
+
     @torch.library.register_fake(lib + "softmax_topk")
     def _(scores, key_padding_mask, topk):
         n, h, c, s = scores.shape
@@ -149,6 +158,17 @@ def _register_python_parts() -> None:
 
     torch.library.register_autograd(lib + "cluster_sum", sum_backward, setup_context=setup_assignment)
     torch.library.register_autograd(lib + "cluster_broadcast", broadcast_backward, setup_context=setup_assignment)
+
+    def setup_combine(ctx, inputs, output):
+        top, mass, _, assignment = inputs
+        ctx.save_for_backward(top, mass, assignment)
+
+    def combine_backward(ctx, grad):
+        top, mass, assignment = ctx.saved_tensors
+        grad_top, grad_mass, grad_rest = ops.cluster_combine_backward(grad.contiguous(), top, mass, assignment)
+        return grad_top, grad_mass, grad_rest, None
+
+    torch.library.register_autograd(lib + "cluster_combine", combine_backward, setup_context=setup_combine)
 
     def setup_softmax(ctx, inputs, output):
         attn, top = output

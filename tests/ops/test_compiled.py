@@ -118,6 +118,39 @@ def test_cluster_sum_and_broadcast_match_reference(dtype):
     assert rel_err(gy, rgy) < TOL[dtype]
 
 
+def _combine_reference(top, mass, rest, a):
+    n, h, length, m = top.shape
+    idx = a.clamp_min(0)
+    out = mass.gather(2, idx).unsqueeze(-1) * top + rest.gather(2, idx.unsqueeze(-1).expand(n, h, length, m))
+    return torch.where((a >= 0).unsqueeze(-1), out, 0.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cluster_combine_matches_reference(dtype):
+    """m̂·top + rest per query, forward and backward; padded queries exactly 0; NaN stays NaN."""
+    n, h, length, c, m = 2, 3, 41, 7, 13
+    a = _assignment(n, h, length, c, 1, [length, 30])
+    top = torch.randn(n, h, length, m, generator=gen(3), dtype=dtype, requires_grad=True)
+    mass = torch.rand(n, h, c, generator=gen(4), dtype=dtype, requires_grad=True)
+    rest = torch.randn(n, h, c, m, generator=gen(5), dtype=dtype, requires_grad=True)
+    out = OPS.cluster_combine(top, mass, rest, a)
+    ref = _combine_reference(top, mass, rest, a)
+    assert rel_err(out, ref) < TOL[dtype]
+    assert torch.equal(out[a < 0], torch.zeros_like(out[a < 0])) and (a < 0).any()
+    g = torch.randn_like(out)
+    for got, want in zip(torch.autograd.grad(out, (top, mass, rest), g), torch.autograd.grad(ref, (top, mass, rest), g)):
+        assert rel_err(got, want) < TOL[dtype]
+    with torch.no_grad():
+        bad_top, bad_mass = top.clone(), mass.clone()
+        bad_top[0, 0, 3, 5] = float("nan")
+        cluster = int(a[1, 2, 0])
+        bad_mass[1, 2, cluster] = float("inf")
+        out = OPS.cluster_combine(bad_top, bad_mass, rest, a)
+    assert out[0, 0, 3].isnan().any() and out[0, 0, :3].isfinite().all()
+    hit = a[1, 2] == cluster
+    assert not out[1, 2][hit].isfinite().all(dim=-1).any() and out[1, 2][~hit].isfinite().all()
+
+
 @pytest.mark.parametrize("topk", [1, 5, 40, 41, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_topk_matches_reference(topk, dtype):
@@ -291,6 +324,9 @@ def test_gradcheck_operators_float64():
     y = torch.randn(n, h, c, m, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: OPS.cluster_sum(t, a, c), (x,))
     assert torch.autograd.gradcheck(lambda t: OPS.cluster_broadcast(t, a), (y,))
+    top = torch.randn(n, h, length, m, dtype=torch.float64, requires_grad=True)
+    mass = torch.rand(n, h, c, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: OPS.cluster_combine(*t, a), (top, mass, y))
     kpm = padding_mask([10], s)
     scores = torch.randn(n, h, c, s, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: OPS.softmax_topk(t, kpm, 4)[0], (scores,))
@@ -327,6 +363,9 @@ def test_opcheck_every_operator():
     a = _assignment(n, h, length, c, 2, [length, 7])
     opcheck(OPS.cluster_sum.default, (x.requires_grad_(), a, c))
     opcheck(OPS.cluster_broadcast.default, (torch.randn(n, h, c, m, requires_grad=True), a))
+    top, mass = torch.randn(n, h, length, m, requires_grad=True), torch.rand(n, h, c, requires_grad=True)
+    opcheck(OPS.cluster_combine.default, (top, mass, torch.randn(n, h, c, m, requires_grad=True), a))
+    opcheck(OPS.cluster_combine_backward.default, (torch.randn(n, h, length, m), top.detach(), mass.detach(), a))
     kpm = padding_mask([s, 6], s)
     opcheck(OPS.softmax_topk.default, (torch.randn(n, h, c, s, requires_grad=True), kpm, 4))
     q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 4, torch.float32, 1, [s, 6], [length, 7])
@@ -488,6 +527,10 @@ def test_bad_input_errors_name_the_argument():
     a = torch.zeros(1, 2, 10, dtype=torch.long)
     with pytest.raises(RuntimeError, match="assignment must have shape"):
         OPS.cluster_sum(q, a[:, :, :5], 3)
+    with pytest.raises(RuntimeError, match=r"rest must have shape \(N, H, C, M\) = \(1, 2, 3, 4\)"):
+        OPS.cluster_combine(q, torch.ones(1, 2, 3), torch.ones(1, 2, 4, 4), a)
+    with pytest.raises(RuntimeError, match="assignment holds cluster 5 >= clusters = 3"):
+        OPS.cluster_combine(q, torch.ones(1, 2, 3), torch.ones(1, 2, 3, 4), a + 5)
     with pytest.raises(RuntimeError, match="x must be float32 or float64"):
         OPS.cluster_sum(q.to(torch.int32), a, 3)
     with pytest.raises(RuntimeError, match="hash_bits .* must be in 1..63"):
@@ -563,6 +606,17 @@ for dtype in (torch.float32, torch.float64):
             assert float((attn - torch.softmax(xm, -1)).abs().max()) < 2e-5, ("softmax_topk", dtype, kk)
             rank = attn if mask is None else attn.masked_fill(mask[:, None, None], -1.0)
             assert torch.equal(top, rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk]), ("top", dtype, kk)
+# lsh_hash's packing (8 / 16 thresholds a compare, a scalar or masked tail), NaN projections giving 0
+# bits as `>` does, bit for bit with the reference.
+from fairseq_plugin.ops.hashing import hash_bits_of
+x = torch.randn(2, 3, 37, 24, generator=g)
+x[0, 1, 5, 3] = float("nan")
+x[1, 0, 7] = float("inf")
+for bits in (1, 7, 8, 15, 16, 17, 33, 63):
+    planes = draw_planes(bits, 24, True, g)
+    for dtype in (torch.float32, torch.float64):
+        got = torch.ops.fairseq_clustered.lsh_hash(x.to(dtype), planes)
+        assert torch.equal(got, pack_bits(hash_bits_of(x.to(dtype), planes))), ("lsh_hash", bits, dtype)
 torch.set_num_threads(1)  # the other parallel split of k-means: whole rows per thread vs queries of a row
 codes = lsh_hash(torch.randn(2, 1, 700, 64, generator=g), draw_planes(63, 64, True, g))
 init, reseed = draw_kmeans_seeds(2, 1, 700, 30, 8, torch.zeros(2, 700, dtype=torch.bool), g, codes.device)
