@@ -22,9 +22,53 @@ FCA_INLINE void pack_range_body(const T* proj, const T* offsets, int64_t begin, 
 }
 FCA_MULTIVERSION(pack_range)
 
+#if FCA_HAVE_MULTIVERSION
+// float: 8 (AVX2) or 16 (AVX-512) thresholds per compare, their bits taken at once by movemask /
+// the compare mask. _CMP_GT_OQ is false for NaN, as `>` is: the same bits as the loop above.
+FCA_TARGET_AVX2 void pack_range_avx2_float(const float* proj, const float* offsets, int64_t begin, int64_t end,
+                                           int64_t bits, int64_t* codes) {
+  const int64_t full = bits / 8 * 8;
+  for (int64_t r = begin; r < end; ++r) {
+    const float* p = proj + r * bits;
+    uint64_t code = 0;
+    int64_t b = 0;
+    for (; b < full; b += 8) {
+      const __m256 gt = _mm256_cmp_ps(_mm256_loadu_ps(p + b), _mm256_loadu_ps(offsets + b), _CMP_GT_OQ);
+      code |= static_cast<uint64_t>(static_cast<uint32_t>(_mm256_movemask_ps(gt))) << b;
+    }
+    for (; b < bits; ++b) code |= static_cast<uint64_t>(p[b] > offsets[b]) << b;
+    codes[r] = static_cast<int64_t>(code);
+  }
+}
+
+FCA_TARGET_AVX512 void pack_range_avx512_float(const float* proj, const float* offsets, int64_t begin, int64_t end,
+                                               int64_t bits, int64_t* codes) {
+  for (int64_t r = begin; r < end; ++r) {
+    const float* p = proj + r * bits;
+    uint64_t code = 0;
+    for (int64_t b = 0; b < bits; b += 16) {
+      const __mmask16 live = bits - b >= 16 ? __mmask16(0xffff) : __mmask16((1u << (bits - b)) - 1);
+      const __mmask16 gt = _mm512_mask_cmp_ps_mask(live, _mm512_maskz_loadu_ps(live, p + b),
+                                                   _mm512_maskz_loadu_ps(live, offsets + b), _CMP_GT_OQ);
+      code |= static_cast<uint64_t>(gt) << b;
+    }
+    codes[r] = static_cast<int64_t>(code);
+  }
+}
+#endif
+
 template <typename T>
 void pack_rows(const T* proj, const T* offsets, int64_t rows, int64_t bits, int64_t* codes) {
   at::parallel_for(0, rows, grain_for(bits), [&](int64_t begin, int64_t end) {
+#if FCA_HAVE_MULTIVERSION
+    if constexpr (std::is_same_v<T, float>) {
+      switch (cpu_isa()) {
+        case Isa::kAvx512: return pack_range_avx512_float(proj, offsets, begin, end, bits, codes);
+        case Isa::kAvx2: return pack_range_avx2_float(proj, offsets, begin, end, bits, codes);
+        default: break;
+      }
+    }
+#endif
     pack_range<T>(proj, offsets, begin, end, bits, codes);
   });
 }
