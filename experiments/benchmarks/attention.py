@@ -49,7 +49,8 @@ IMPLS = ["sdpa", "ref-clustered", "ref-i-clustered", "clustered", "i-clustered"]
 CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (half precision)
 # the ops of both compiled namespaces (csrc/ and Triton), by the stage of the pipeline they are
 STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
-          "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd"}  # fmt: skip
+          "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd",
+          "cluster_combine": "combine", "cluster_combine_backward": "combine"}  # fmt: skip
 # --isa: the CPU instruction set a cell may use, for the plugin's kernels (FAIRSEQ_PLUGIN_CPU_ISA caps
 # their run-time choice) and for PyTorch's own (ATen's kernels, MKL's GEMM, oneDNN), so that an AVX2
 # machine is reproduced on an AVX-512 one, and both are compared side by side in one run.
@@ -149,13 +150,16 @@ def attention_fn(cell: Cell) -> Callable:
 
 
 def clustering_fn(cell: Cell) -> Optional[Callable]:
-    """Hashing + k-means alone (compiled path), to report their share of the forward time."""
+    """Hashing + k-means alone (compiled path: the planes and the k-means seeds drawn, lsh_hash,
+    hamming_kmeans), to report their share of the forward time; not the centroids' aggregation."""
     if cell.impl not in ("clustered", "i-clustered"):
         return None
-    from fairseq_plugin.ops.clustered import _cluster_queries
+    from fairseq_plugin.ops import hamming_kmeans, lsh_hash
+    from fairseq_plugin.ops.hashing import draw_planes
 
     def run(q, k, v):
-        return _cluster_queries(q, cell.clusters, cell.hash_bits, cell.iterations, True, None, None)
+        codes = lsh_hash(q, draw_planes(cell.hash_bits, q.shape[-1], True, None, q.device))
+        return hamming_kmeans(codes, cell.hash_bits, cell.clusters, cell.iterations)
 
     return run
 
