@@ -89,6 +89,18 @@ def test_hamming_kmeans_identical_to_reference(n, h, length, c, iterations, hash
         assert bool((a[pad[:, None, :].expand_as(a)] == -1).all())
 
 
+def test_hamming_kmeans_ignores_bits_above_hash_bits():
+    """The reference reads a code's low hash_bits bits only (lsh_hash sets no others); the kernel
+    agrees on codes that carry more, bit 63 (negative codes) included."""
+    codes, init, reseed, _ = _kmeans_inputs(2, 2, 300, 20, 6, 17, 320, None, None)
+    noisy = codes | (torch.randint(0, 2**46, codes.shape, generator=gen(5)) << 17)
+    noisy[0, 0, ::3] |= torch.iinfo(torch.long).min  # bit 63
+    got = OPS.hamming_kmeans(noisy, init, reseed, None, 17)
+    want = kmeans_from_seeds(noisy, 17, init, reseed, None)
+    assert all(torch.equal(x, y) for x, y in zip(got, want))
+    assert all(torch.equal(x, y) for x, y in zip(got, OPS.hamming_kmeans(codes, init, reseed, None, 17)))
+
+
 def _assignment(n, h, length, c, seed, pad_lengths=None):
     a = torch.randint(0, c, (n, h, length), generator=gen(seed))
     if pad_lengths is not None:
