@@ -116,29 +116,10 @@ void scan(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* 
   scan_scalar(q, count, codes, index, m, keys);
 }
 
-// The bits of every byte value as eight int32 0/1 counters (8 KiB): a code's 64 per-bit
-// increments are eight table rows, eight vector adds (extracting each bit took ~200 instructions).
-struct ByteBits {
-  int32_t bit[256][8];
-  constexpr ByteBits() : bit() {
-    for (int v = 0; v < 256; ++v)
-      for (int k = 0; k < 8; ++k) bit[v][k] = (v >> k) & 1;
-  }
-};
-constexpr ByteBits kByteBits{};
-
 // Add (sign +1) or remove (-1) a code's bits to / from a cluster's 64 per-bit counters.
 template <typename T, int VB>
 FCA_INLINE void add_bits_body(uint64_t h, int32_t sign, int32_t* row) {
-  for (int64_t i = 0; i < 8; ++i, h >>= 8) {
-    const int32_t* bits = kByteBits.bit[h & 0xff];
-    int32_t* counts = row + 8 * i;
-    if (sign > 0) {
-      for (int64_t k = 0; k < 8; ++k) counts[k] += bits[k];
-    } else {
-      for (int64_t k = 0; k < 8; ++k) counts[k] -= bits[k];
-    }
-  }
+  for (int64_t b = 0; b < 64; ++b) row[b] += sign * static_cast<int32_t>((h >> b) & 1u);
 }
 FCA_MULTIVERSION(add_bits)
 
