@@ -70,3 +70,21 @@ def test_benchmark_without_cuda_says_so(tmp_path):
     assert done.returncode != 0
     assert "torch sees no CUDA device" in done.stderr
     assert not (tmp_path / "x.csv").exists()
+
+
+def test_gemm_shapes_program_writes_its_table(tmp_path):
+    """experiments/benchmarks/gemm_shapes.py: one row per product and length plus the square
+    reference, positive times and rates; a bad flag is one clear line."""
+    program = ROOT / "experiments" / "benchmarks" / "gemm_shapes.py"
+    out = tmp_path / "gemm.csv"
+    args = ["--lengths", "64", "200", "--square", "128", "--repeats", "2", "--threads", "1", "--out", str(out)]
+    done = subprocess.run([sys.executable, str(program), *args], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = list(csv.DictReader(out.open()))
+    assert [(r["product"], r["length"]) for r in rows] == [("square 128^3", "")] + [
+        (p, str(length)) for length in (64, 200) for p in ("hash x @ planesᵀ", "scores Q_c @ Kᵀ", "A^c @ V")
+    ]
+    assert all(float(r["ms"]) > 0 and float(r["gflops"]) > 0 for r in rows)
+    assert float(rows[0]["of_square"]) == 1.0
+    bad = subprocess.run([sys.executable, str(program), "--lengths", "0"], capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--lengths must be >= 1" in bad.stderr
