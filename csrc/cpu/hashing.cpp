@@ -88,22 +88,29 @@ at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
   check_same_device(x, planes, "x", "planes");
   const auto compute = at::promote_types(x.scalar_type(), at::kFloat);
   // The reference (fairseq_plugin/ops/hashing.py, hash_bits_of): weights = the planes' first E
-  // columns padded with zero rows to a multiple of 16; proj = x.to(compute) @ weights.T;
+  // columns padded with zero rows to a multiple of 16; proj = x.to(compute) @ weights.T, ...
   // bit = proj[..., :B] > planes[:, E].
   constexpr int64_t kPlaneRows = 16;
   at::Tensor weights = at::zeros({(bits + kPlaneRows - 1) / kPlaneRows * kPlaneRows, dim}, x.options().dtype(compute));
   weights.narrow(0, 0, bits).copy_(planes.narrow(1, 0, dim));
-  at::Tensor proj = at::matmul(x.to(compute), weights.t()).contiguous();
+  // ... in chunks of kHashRows rows of x (the reference's hash_bits_of makes the same calls), so
+  // each chunk's projections are packed while they are still in cache.
+  constexpr int64_t kHashRows = 2048;
+  const at::Tensor rows_of_x = x.to(compute).reshape({-1, dim});
   const int64_t stride = weights.size(0);
   at::Tensor offsets = planes.select(1, dim).to(compute).contiguous();
   auto sizes = x.sizes().vec();
   sizes.pop_back();
   at::Tensor codes = at::empty(sizes, x.options().dtype(at::kLong));
   const int64_t rows = codes.numel();
-  AT_DISPATCH_FLOATING_TYPES(compute, "lsh_hash", [&] {
-    pack_rows<scalar_t>(proj.const_data_ptr<scalar_t>(), offsets.const_data_ptr<scalar_t>(), rows, bits, stride,
-                        codes.mutable_data_ptr<int64_t>());
-  });
+  for (int64_t r0 = 0; r0 < rows; r0 += kHashRows) {
+    const int64_t count = std::min(kHashRows, rows - r0);
+    const at::Tensor proj = at::mm(rows_of_x.narrow(0, r0, count), weights.t()).contiguous();
+    AT_DISPATCH_FLOATING_TYPES(compute, "lsh_hash", [&] {
+      pack_rows<scalar_t>(proj.const_data_ptr<scalar_t>(), offsets.const_data_ptr<scalar_t>(), count, bits, stride,
+                          codes.mutable_data_ptr<int64_t>() + r0);
+    });
+  }
   return codes;
 }
 

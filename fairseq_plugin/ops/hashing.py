@@ -32,14 +32,17 @@ def draw_planes(
 
 
 PLANE_ROWS = 16  # the projection GEMM's planes are padded with zero rows to a multiple of this
+HASH_ROWS = 2048  # ... and it runs over chunks of this many vectors
 
 
 def hash_bits_of(x: Tensor, planes: Tensor) -> Tensor:
     """The bits ``[a_b[:E] . x > a_b[E]]`` as a bool tensor (..., B).
 
-    The projections are one GEMM against the planes padded with zero rows to a multiple of
-    :data:`PLANE_ROWS` (63 -> 64): a full-width GEMM kernel, 1.5x faster than one for 63 columns
-    on AVX2. The compiled kernel makes the same call, so its codes are this function's bit for bit."""
+    The projections are GEMMs against the planes padded with zero rows to a multiple of
+    :data:`PLANE_ROWS` (63 -> 64; a full-width GEMM kernel, 1.5x faster than one for 63 columns on
+    AVX2), over chunks of :data:`HASH_ROWS` vectors (the compiled kernel packs each chunk's bits
+    while its projections are in cache). The compiled kernel makes the same calls, so its codes
+    are this function's bit for bit."""
     dim = planes.shape[1] - 1
     if x.shape[-1] != dim:
         raise ValueError(f"x has feature size {x.shape[-1]} but planes were drawn for {dim}")
@@ -47,7 +50,10 @@ def hash_bits_of(x: Tensor, planes: Tensor) -> Tensor:
     bits = planes.shape[0]
     weights = planes.new_zeros(-(-bits // PLANE_ROWS) * PLANE_ROWS, dim, dtype=compute)
     weights[:bits] = planes[:, :dim]
-    proj = x.to(compute) @ weights.T  # (..., padded B)
+    rows = x.to(compute).reshape(-1, dim)
+    chunks = [rows[r : r + HASH_ROWS] @ weights.T for r in range(0, rows.shape[0], HASH_ROWS)]
+    proj = torch.cat(chunks) if chunks else rows @ weights.T
+    proj = proj.view(*x.shape[:-1], weights.shape[0])  # (..., padded B)
     return proj[..., :bits] > planes[:, dim].to(compute)
 
 

@@ -19,7 +19,7 @@ import torch
 
 from fairseq_plugin.ops import clustered_attention, compiled, improved_clustered_attention
 from fairseq_plugin.ops.clustered import _topk_products_reference
-from fairseq_plugin.ops.hashing import draw_planes, hash_bits_of, pack_bits
+from fairseq_plugin.ops.hashing import HASH_ROWS, draw_planes, hash_bits_of, pack_bits
 from fairseq_plugin.ops.kmeans import _one_hot, draw_kmeans_seeds, kmeans_from_seeds
 
 from . import gen, make_qkv, padding_mask, rel_err
@@ -53,6 +53,14 @@ def test_lsh_hash_identical_to_reference(hash_bits, dtype):
     # non-contiguous input (the attention module passes permuted projections)
     xt = x.transpose(1, 2).contiguous().transpose(1, 2)
     assert torch.equal(OPS.lsh_hash(xt, planes), codes)
+
+
+def test_lsh_hash_in_chunks_identical_to_reference():
+    """More vectors than one projection chunk (HASH_ROWS), not a multiple of it, and none."""
+    for shape in ((2, 1, HASH_ROWS + 37, 64), (1, 3, HASH_ROWS, 64), (0, 2, 5, 64)):
+        x = torch.randn(*shape, generator=gen(7))
+        planes = draw_planes(63, 64, generator=gen(8))
+        assert torch.equal(OPS.lsh_hash(x, planes), pack_bits(hash_bits_of(x, planes))), shape
 
 
 def _kmeans_inputs(n, h, length, c, iterations, hash_bits, seed, pad_lengths=None, distinct=None):
