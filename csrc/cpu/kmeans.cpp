@@ -248,8 +248,10 @@ std::tuple<at::Tensor, at::Tensor> hamming_kmeans_cpu(const at::Tensor& codes_in
   // The reference reads the low hash_bits bits of a code only. Codes from lsh_hash have no others;
   // any others are masked off here, once.
   at::Tensor codes = codes_in.contiguous();
-  if (codes.numel() > 0 && at::bitwise_and(codes, static_cast<int64_t>(~keep)).ne(0).any().item<bool>())
-    codes = at::bitwise_and(codes, static_cast<int64_t>(keep));
+  const int64_t* raw = codes.const_data_ptr<int64_t>();
+  uint64_t stray = 0;  // a plain loop (vectorised), not three ATen calls and their allocations
+  for (int64_t i = 0; i < codes.numel(); ++i) stray |= static_cast<uint64_t>(raw[i]) & ~keep;
+  if (stray != 0) codes = at::bitwise_and(codes, static_cast<int64_t>(keep));
   TORCH_CHECK(init.numel() == 0 || (init.min().item<int64_t>() >= 0 && init.max().item<int64_t>() < length),
               "init holds positions outside 0..L-1");
   TORCH_CHECK(reseed.numel() == 0 || (reseed.min().item<int64_t>() >= 0 && reseed.max().item<int64_t>() < length),
