@@ -103,14 +103,14 @@ at::Tensor lsh_hash_cpu(const at::Tensor& x, const at::Tensor& planes) {
   sizes.pop_back();
   at::Tensor codes = at::empty(sizes, x.options().dtype(at::kLong));
   const int64_t rows = codes.numel();
-  for (int64_t r0 = 0; r0 < rows; r0 += kHashRows) {
-    const int64_t count = std::min(kHashRows, rows - r0);
-    const at::Tensor proj = at::mm(rows_of_x.narrow(0, r0, count), weights.t()).contiguous();
-    AT_DISPATCH_FLOATING_TYPES(compute, "lsh_hash", [&] {
+  AT_DISPATCH_FLOATING_TYPES(compute, "lsh_hash", [&] {
+    for (int64_t r0 = 0; r0 < rows; r0 += kHashRows) {
+      const int64_t count = std::min(kHashRows, rows - r0);
+      const at::Tensor proj = at::mm(rows_of_x.narrow(0, r0, count), weights.t()).contiguous();
       pack_rows<scalar_t>(proj.const_data_ptr<scalar_t>(), offsets.const_data_ptr<scalar_t>(), count, bits, stride,
                           codes.mutable_data_ptr<int64_t>() + r0);
-    });
-  }
+    }
+  });
   return codes;
 }
 
