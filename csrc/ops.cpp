@@ -29,6 +29,14 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   // softmax over keys of scaled centroid scores (N, H, C, S) with padded keys at 0, and the
   // min(topk, S) best keys per row, best first -> (attn float32/float64, top int64 (N, H, C, k))
   m.def("softmax_topk(Tensor scores, Tensor? key_padding_mask, int topk) -> (Tensor, Tensor)");
+  // its backward: dx = attn (grad - sum_t grad_t attn_t) per row of the last axis
+  m.def("softmax_backward(Tensor grad, Tensor attn) -> Tensor");
+  // mass = sum_{t in top} attn_t (N, H, C) and rest = sum_{t not in top} attn_t v_t (N, H, C, M),
+  // attn (N, H, C, S), top (N, H, C, k), v (N, H, S, M); and its adjoint -> (grad_attn, grad_v).
+  m.def("topk_rest(Tensor attn, Tensor top, Tensor v) -> (Tensor, Tensor)");
+  m.def(
+      "topk_rest_backward(Tensor grad_mass, Tensor grad_rest, Tensor attn, Tensor top, Tensor v)"
+      " -> (Tensor, Tensor)");
   // per query, exact attention over its cluster's top-k keys -> (out (N, H, L, M), weights (N, H, L, k))
   m.def(
       "topk_attention(Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top, Tensor? key_padding_mask,"

@@ -231,6 +231,201 @@ std::tuple<at::Tensor, at::Tensor> softmax_topk_cpu(const at::Tensor& scores_in,
   return {attn, top};
 }
 
-TORCH_LIBRARY_IMPL(fairseq_clustered, CPU, m) { m.impl("softmax_topk", &softmax_topk_cpu); }
+// ---------------------------------------------------------------------------------------------
+// What i-clustered attention takes from the centroid attention besides its top-k sets:
+//
+//   topk_rest  mass_j = sum_{t in T_j} A_jt  and  rest_j = sum_{t not in T_j} A_jt v_t,
+//              rest as A V (one GEMM) minus the k top terms of each row, with no masked copy of A
+//              and no gathered (C, k, M) values;
+//   its backward  dA_jt = g_rest_j . v_t for t not in T_j and g_mass_j for t in T_j (the top terms
+//              cancel in rest), dv = A^T g_rest minus the top terms, per head in cluster order
+//              (deterministic);
+//   softmax_backward  dx = A (dA - sum_t dA_t A_t), one pass per row instead of four ATen ops.
+//
+// A key listed twice in a row of top counts twice, forward and backward alike (softmax_topk never
+// lists one twice).
+
+namespace {
+
+struct RestShapes {
+  int64_t n, h, c, s, k, m;
+};
+
+RestShapes check_rest_inputs(const at::Tensor& attn, const at::Tensor& top, const at::Tensor& v) {
+  check_dim(attn, 4, "attn", "(N, H, C, S)");
+  check_float(attn, "attn");
+  check_dim(top, 4, "top", "(N, H, C, topk)");
+  check_index(top, "top");
+  check_dim(v, 4, "v", "(N, H, S, M)");
+  TORCH_CHECK(v.scalar_type() == attn.scalar_type(), "v must have the dtype of attn (", attn.scalar_type(), "), got ",
+              v.scalar_type());
+  check_same_device(attn, top, "attn", "top");
+  check_same_device(attn, v, "attn", "v");
+  const RestShapes sh{attn.size(0), attn.size(1), attn.size(2), attn.size(3), top.size(3), v.size(3)};
+  TORCH_CHECK(top.size(0) == sh.n && top.size(1) == sh.h && top.size(2) == sh.c,
+              "top must have shape (N, H, C, topk) = (", sh.n, ", ", sh.h, ", ", sh.c, ", topk), got ", top.sizes());
+  TORCH_CHECK(v.size(0) == sh.n && v.size(1) == sh.h && v.size(2) == sh.s, "v must have shape (N, H, S, M) = (", sh.n,
+              ", ", sh.h, ", ", sh.s, ", M), got ", v.sizes());
+  return sh;
+}
+
+inline int64_t checked_key(int64_t t, int64_t s) {
+  TORCH_CHECK(t >= 0 && t < s, "top holds key index ", t, " outside 0..S-1 = 0..", s - 1);
+  return t;
+}
+
+// One row j of the backward: for each t in top (already checked), dA_jt += g_mass - g . v_t and
+// dv_t -= A_jt g, g = g_rest_j (m features).
+template <typename T, int VB>
+FCA_INLINE void rest_backward_row_body(const T* g, T gm, const T* arow, const int64_t* top, int64_t k, const T* vh,
+                                       int64_t m, T* garow, T* gvh) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  const int64_t mv = m / W * W;
+  for (int64_t i = 0; i < k; ++i) {
+    const int64_t t = top[i];
+    const T w = arow[t];
+    const T* vt = vh + t * m;
+    T* gvt = gvh + t * m;
+    V acc = V{};
+    for (int64_t x = 0; x < mv; x += W) {
+      const V gx = load_vec<V>(g + x);
+      acc += gx * load_vec<V>(vt + x);
+      store_vec(gvt + x, load_vec<V>(gvt + x) - w * gx);
+    }
+    T dot = hsum<T>(acc);
+    for (int64_t x = mv; x < m; ++x) {
+      dot += g[x] * vt[x];
+      gvt[x] -= w * g[x];
+    }
+    garow[t] += gm - dot;
+  }
+}
+FCA_MULTIVERSION(rest_backward_row)
+
+// o = a (g - g . a) over one row of s entries.
+template <typename T, int VB>
+FCA_INLINE void softmax_backward_row_body(const T* g, const T* a, int64_t s, T* o) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  const int64_t sv = s / W * W;
+  V acc0 = V{}, acc1 = V{};
+  int64_t t = 0;
+  for (; t + 2 * W <= sv; t += 2 * W) {
+    acc0 += load_vec<V>(g + t) * load_vec<V>(a + t);
+    acc1 += load_vec<V>(g + t + W) * load_vec<V>(a + t + W);
+  }
+  for (; t < sv; t += W) acc0 += load_vec<V>(g + t) * load_vec<V>(a + t);
+  T dot = hsum<T>(acc0 + acc1);
+  for (; t < s; ++t) dot += g[t] * a[t];
+  for (t = 0; t < sv; t += W) store_vec(o + t, load_vec<V>(a + t) * (load_vec<V>(g + t) - dot));
+  for (; t < s; ++t) o[t] = a[t] * (g[t] - dot);
+}
+FCA_MULTIVERSION(softmax_backward_row)
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_rest_cpu(const at::Tensor& attn_in, const at::Tensor& top_in,
+                                                 const at::Tensor& v_in) {
+  const RestShapes sh = check_rest_inputs(attn_in, top_in, v_in);
+  const at::Tensor attn = attn_in.contiguous(), top = top_in.contiguous(), v = v_in.contiguous();
+  at::Tensor rest = at::matmul(attn, v).contiguous();  // (N, H, C, M)
+  at::Tensor mass = at::empty({sh.n, sh.h, sh.c}, attn.options());
+  AT_DISPATCH_FLOATING_TYPES(attn.scalar_type(), "topk_rest", [&] {
+    const scalar_t* a = attn.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* tp = top.const_data_ptr<int64_t>();
+    scalar_t* rp = rest.mutable_data_ptr<scalar_t>();
+    scalar_t* mp = mass.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, sh.n * sh.h * sh.c, grain_for(sh.k * sh.m), [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) {
+        const scalar_t* ar = a + row * sh.s;
+        const scalar_t* vh = vp + (row / sh.c) * sh.s * sh.m;
+        scalar_t* out = rp + row * sh.m;
+        scalar_t sum = 0;
+        for (int64_t i = 0; i < sh.k; ++i) {
+          const int64_t t = checked_key(tp[row * sh.k + i], sh.s);
+          const scalar_t w = ar[t];
+          sum += w;
+          const scalar_t* vt = vh + t * sh.m;
+          for (int64_t x = 0; x < sh.m; ++x) out[x] -= w * vt[x];
+        }
+        mp[row] = sum;
+      }
+    });
+  });
+  return {mass, rest};
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_rest_backward_cpu(const at::Tensor& grad_mass_in,
+                                                          const at::Tensor& grad_rest_in, const at::Tensor& attn_in,
+                                                          const at::Tensor& top_in, const at::Tensor& v_in) {
+  const RestShapes sh = check_rest_inputs(attn_in, top_in, v_in);
+  TORCH_CHECK(grad_mass_in.sizes() == at::IntArrayRef({sh.n, sh.h, sh.c}) &&
+                  grad_mass_in.scalar_type() == attn_in.scalar_type(),
+              "grad_mass must have shape (N, H, C) and the dtype of attn, got ", grad_mass_in.sizes(), " ",
+              grad_mass_in.scalar_type());
+  TORCH_CHECK(grad_rest_in.sizes() == at::IntArrayRef({sh.n, sh.h, sh.c, sh.m}) &&
+                  grad_rest_in.scalar_type() == attn_in.scalar_type(),
+              "grad_rest must have shape (N, H, C, M) and the dtype of attn, got ", grad_rest_in.sizes(), " ",
+              grad_rest_in.scalar_type());
+  const at::Tensor attn = attn_in.contiguous(), top = top_in.contiguous(), v = v_in.contiguous();
+  const at::Tensor grad_mass = grad_mass_in.contiguous(), grad_rest = grad_rest_in.contiguous();
+  at::Tensor grad_attn = at::matmul(grad_rest, v.transpose(-1, -2)).contiguous();  // (N, H, C, S)
+  at::Tensor grad_v = at::matmul(attn.transpose(-1, -2), grad_rest).contiguous();  // (N, H, S, M)
+  AT_DISPATCH_FLOATING_TYPES(attn.scalar_type(), "topk_rest_backward", [&] {
+    const scalar_t* a = attn.const_data_ptr<scalar_t>();
+    const scalar_t* vp = v.const_data_ptr<scalar_t>();
+    const int64_t* tp = top.const_data_ptr<int64_t>();
+    const scalar_t* gm = grad_mass.const_data_ptr<scalar_t>();
+    const scalar_t* gr = grad_rest.const_data_ptr<scalar_t>();
+    scalar_t* ga = grad_attn.mutable_data_ptr<scalar_t>();
+    scalar_t* gv = grad_v.mutable_data_ptr<scalar_t>();
+    // One head per task: its rows add into shared value rows, in row order.
+    at::parallel_for(0, sh.n * sh.h, grain_for(sh.c * sh.k * sh.m), [&](int64_t begin, int64_t end) {
+      for (int64_t head = begin; head < end; ++head) {
+        const scalar_t* vh = vp + head * sh.s * sh.m;
+        scalar_t* gvh = gv + head * sh.s * sh.m;
+        for (int64_t row = head * sh.c; row < (head + 1) * sh.c; ++row) {
+          const int64_t* tr = tp + row * sh.k;
+          for (int64_t i = 0; i < sh.k; ++i) checked_key(tr[i], sh.s);
+          rest_backward_row<scalar_t>(gr + row * sh.m, gm[row], a + row * sh.s, tr, sh.k, vh, sh.m,
+                                      ga + row * sh.s, gvh);
+        }
+      }
+    });
+  });
+  return {grad_attn, grad_v};
+}
+
+at::Tensor softmax_backward_cpu(const at::Tensor& grad_in, const at::Tensor& attn_in) {
+  check_float(attn_in, "attn");
+  TORCH_CHECK(attn_in.dim() >= 1 && attn_in.size(-1) >= 1, "attn must have at least one key, got ", attn_in.sizes());
+  TORCH_CHECK(grad_in.sizes() == attn_in.sizes() && grad_in.scalar_type() == attn_in.scalar_type(),
+              "grad must have the shape and dtype of attn ", attn_in.sizes(), " ", attn_in.scalar_type(), ", got ",
+              grad_in.sizes(), " ", grad_in.scalar_type());
+  check_same_device(grad_in, attn_in, "grad", "attn");
+  const at::Tensor grad = grad_in.contiguous(), attn = attn_in.contiguous();
+  at::Tensor out = at::empty_like(attn, at::MemoryFormat::Contiguous);
+  const int64_t s = attn.size(-1), rows = attn.numel() / s;
+  AT_DISPATCH_FLOATING_TYPES(attn.scalar_type(), "softmax_backward", [&] {
+    const scalar_t* g = grad.const_data_ptr<scalar_t>();
+    const scalar_t* a = attn.const_data_ptr<scalar_t>();
+    scalar_t* o = out.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, rows, grain_for(3 * s), [&](int64_t begin, int64_t end) {
+      for (int64_t r = begin; r < end; ++r) {
+        softmax_backward_row<scalar_t>(g + r * s, a + r * s, s, o + r * s);
+      }
+    });
+  });
+  return out;
+}
+
+TORCH_LIBRARY_IMPL(fairseq_clustered, CPU, m) {
+  m.impl("softmax_topk", &softmax_topk_cpu);
+  m.impl("topk_rest", &topk_rest_cpu);
+  m.impl("topk_rest_backward", &topk_rest_backward_cpu);
+  m.impl("softmax_backward", &softmax_backward_cpu);
+}
 
 }  // namespace fca

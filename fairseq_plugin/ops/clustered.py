@@ -236,17 +236,13 @@ def improved_clustered_attention(
         # softmax and the top-k selection in one operator; the exact products over each cluster's
         # top-k keys without gathering them per query.
         scores = (centroids * scale) @ k.transpose(-1, -2)  # (N, H, C, S); scaled on the smaller side
-        attn, top = torch.ops.fairseq_clustered.softmax_topk(scores, key_padding_mask, kk)  # fp32+, (N, H, C, k)
-        top_attn = attn.gather(-1, top)  # (N, H, C, k), differentiable
-        topk_mass = top_attn.sum(-1)  # (N, H, C): m̂
-        # Σ_{t∉T_j} A^c_jt v_t as A^c V minus the top-k part: no masked (C, S) copy of A^c.
-        n, h, c, _ = top.shape
-        rows = (top + torch.arange(n * h, device=q.device).view(n, h, 1, 1) * k.shape[2]).flatten()
-        v_top = v.reshape(-1, v.shape[3]).index_select(0, rows).view(n, h, c, kk, -1)  # (N, H, C, k, M)
-        rest = attn.to(v.dtype) @ v - (top_attn.to(v.dtype).unsqueeze(-2) @ v_top).squeeze(-2)  # (N, H, C, M)
+        attn, top = torch.ops.fairseq_clustered.softmax_topk(scores, key_padding_mask, kk)  # (N, H, C, S), (N, H, C, k)
+        # m̂ (N, H, C) and Σ_{t∉T_j} A^c_jt v_t (N, H, C, M) as A^c V minus the k top terms of each
+        # row: one GEMM, no masked (C, S) copy of A^c, no gathered values (attn has v's dtype here).
+        topk_mass, rest = torch.ops.fairseq_clustered.topk_rest(attn, top, v)
         top_out, _ = torch.ops.fairseq_clustered.topk_attention(q, k, v, assignment, top, key_padding_mask, scale)
         # m̂·top + rest in one pass over the queries; padded queries (assignment -1) come out zero.
-        out = torch.ops.fairseq_clustered.cluster_combine(top_out, topk_mass.to(v.dtype), rest, assignment)
+        out = torch.ops.fairseq_clustered.cluster_combine(top_out, topk_mass, rest, assignment)
         return (out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])) if return_clusters else out
     attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask)  # (N, H, C, S), fp32+
     topk_mass, rest, top_out = _topk_products_reference(q, k, v, attn, assignment, kk, scale, key_padding_mask)

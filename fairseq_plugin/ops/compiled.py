@@ -135,6 +135,19 @@ def _register_python_parts() -> None:
         attn = scores.new_empty(scores.shape, dtype=_weights_dtype(scores.dtype))
         return attn, scores.new_empty(n, h, c, min(topk, s), dtype=torch.int64)
 
+    @torch.library.register_fake(lib + "softmax_backward")
+    def _(grad, attn):
+        return torch.empty_like(attn, memory_format=torch.contiguous_format)
+
+    @torch.library.register_fake(lib + "topk_rest")
+    def _(attn, top, v):
+        n, h, c, _ = attn.shape
+        return attn.new_empty(n, h, c), attn.new_empty(n, h, c, v.shape[3])
+
+    @torch.library.register_fake(lib + "topk_rest_backward")
+    def _(grad_mass, grad_rest, attn, top, v):
+        return torch.empty_like(attn, memory_format=torch.contiguous_format), torch.empty_like(v)
+
     @torch.library.register_fake(lib + "topk_attention")
     def _(q, k, v, assignment, top, key_padding_mask, scale):
         n, h, length, _ = q.shape
@@ -178,11 +191,25 @@ def _register_python_parts() -> None:
 
     def softmax_backward(ctx, grad_attn, grad_top):
         (attn,) = ctx.saved_tensors
-        grad_attn = grad_attn.to(attn.dtype)
-        grad = attn * (grad_attn - (grad_attn * attn).sum(-1, keepdim=True))  # softmax backward
+        grad = ops.softmax_backward(grad_attn.to(attn.dtype), attn)  # attn (grad - Σ grad·attn), one pass
         return grad.to(ctx.scores_dtype), None, None
 
     torch.library.register_autograd(lib + "softmax_topk", softmax_backward, setup_context=setup_softmax)
+
+    def setup_rest(ctx, inputs, output):
+        attn, top, v = inputs
+        ctx.save_for_backward(attn, top, v)
+
+    def rest_backward(ctx, grad_mass, grad_rest):
+        attn, top, v = ctx.saved_tensors
+        if grad_mass is None:
+            grad_mass = attn.new_zeros(attn.shape[:3])
+        if grad_rest is None:
+            grad_rest = attn.new_zeros(*attn.shape[:3], v.shape[3])
+        grad_attn, grad_v = ops.topk_rest_backward(grad_mass, grad_rest, attn, top, v)
+        return grad_attn, None, grad_v
+
+    torch.library.register_autograd(lib + "topk_rest", rest_backward, setup_context=setup_rest)
 
     def setup_topk(ctx, inputs, output):
         q, k, v, assignment, top, _, scale = inputs

@@ -171,6 +171,61 @@ def test_cluster_combine_matches_reference(dtype):
     assert not out[1, 2][hit].isfinite().all(dim=-1).any() and out[1, 2][~hit].isfinite().all()
 
 
+def _rest_reference(attn, top, v):
+    """m̂ and Σ_{t∉T} A_t v_t by masking A^c (what _topk_products_reference computes)."""
+    return attn.gather(-1, top).sum(-1), attn.scatter(-1, top, 0.0) @ v
+
+
+@pytest.mark.parametrize("s,m,topk", [(41, 13, 7), (64, 64, 32), (5, 3, 5), (300, 17, 1)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_rest_matches_reference(s, m, topk, dtype):
+    """m̂ and the rest term, forward and backward (through either output alone too); a NaN row stays NaN."""
+    n, h, c = 2, 3, 7
+    scores = torch.randn(n, h, c, s, generator=gen(s), dtype=dtype) * 2
+    attn0, top = OPS.softmax_topk(scores, None, topk)
+    attn = attn0.detach().requires_grad_()
+    v = torch.randn(n, h, s, m, generator=gen(m), dtype=dtype, requires_grad=True)
+    with torch.no_grad():
+        full = attn @ v
+    got, want = OPS.topk_rest(attn, top, v), _rest_reference(attn, top, v)
+    assert got[0].dtype == got[1].dtype == dtype and rel_err(got[0], want[0]) < TOL[dtype]
+
+    def err(a, b, scale):  # rest and its gradients are full products minus the top terms: they round
+        return float((a - b).norm() / max(b.norm(), scale.norm()))  # relative to the full product
+
+    assert err(got[1].detach(), want[1].detach(), full) < TOL[dtype]  # (rest is exactly 0 when topk = S)
+    gm, gr = torch.randn_like(want[0]), torch.randn_like(want[1])
+    scales = gr @ v.detach().transpose(-1, -2), attn.detach().transpose(-1, -2) @ gr
+    for outs in ((0, 1), (0,), (1,)):  # an unused output reaches the backward as None
+        g_out = [(gm, gr)[i] for i in outs]
+        grads = torch.autograd.grad([got[i] for i in outs], (attn, v), g_out, retain_graph=True)
+        ref = torch.autograd.grad([want[i] for i in outs], (attn, v), g_out, retain_graph=True, allow_unused=True,
+                                  materialize_grads=True)  # fmt: skip
+        for a, b, scale in zip(grads, ref, scales):
+            assert err(a, b, scale) < TOL[dtype], outs
+    with torch.no_grad():
+        bad = attn.clone()
+        bad[1, 2, 3] = float("nan")
+        mass, rest = OPS.topk_rest(bad, top, v)
+    assert mass[1, 2, 3].isnan() and rest[1, 2, 3].isnan().all()
+    assert mass.isnan().sum() == 1 and rest.isnan().sum() == m
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 7, 41), (1, 1, 1, 1), (3, 300), (2, 5, 64)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_softmax_backward_matches_formula(shape, dtype):
+    x = torch.randn(*shape, generator=gen(len(shape)), dtype=dtype, requires_grad=True)
+    attn = torch.softmax(x, -1)
+    g = torch.randn(shape, generator=gen(9), dtype=dtype)
+    (want,) = torch.autograd.grad(attn, x, g)
+    got = OPS.softmax_backward(g, attn.detach())
+    assert rel_err(got, want) < TOL[dtype]
+    nan_attn = attn.detach().clone()
+    nan_attn.view(-1, shape[-1])[0] = float("nan")
+    out = OPS.softmax_backward(g, nan_attn).view(-1, shape[-1])
+    assert out[0].isnan().all() and out[1:].isfinite().all()
+
+
 @pytest.mark.parametrize("topk", [1, 5, 40, 41, 100])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_softmax_topk_matches_reference(topk, dtype):
@@ -350,8 +405,9 @@ def test_gradcheck_operators_float64():
     kpm = padding_mask([10], s)
     scores = torch.randn(n, h, c, s, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(lambda t: OPS.softmax_topk(t, kpm, 4)[0], (scores,))
-    q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 6, torch.float64, 5, [10], [9])
+    q, k, v, kpm, a, attn, top, _ = _topk_case(n, h, length, s, e, m, c, 6, torch.float64, 5, [10], [9])
     assert torch.autograd.gradcheck(lambda *t: OPS.topk_attention(*t, a, top, kpm, 0.7)[0], (q, k, v))
+    assert torch.autograd.gradcheck(lambda a_, v_: OPS.topk_rest(a_, top, v_), (attn.detach().requires_grad_(), v))
 
 
 @pytest.mark.parametrize("op", ["clustered", "i_clustered"])
@@ -388,6 +444,11 @@ def test_opcheck_every_operator():
     opcheck(OPS.cluster_combine_backward.default, (torch.randn(n, h, length, m), top.detach(), mass.detach(), a))
     kpm = padding_mask([s, 6], s)
     opcheck(OPS.softmax_topk.default, (torch.randn(n, h, c, s, requires_grad=True), kpm, 4))
+    attn, top = OPS.softmax_topk(torch.randn(n, h, c, s), kpm, 4)
+    opcheck(OPS.softmax_backward.default, (torch.randn(n, h, c, s), attn))
+    opcheck(OPS.topk_rest.default, (attn.clone().requires_grad_(), top, torch.randn(n, h, s, m, requires_grad=True)))
+    opcheck(OPS.topk_rest_backward.default, (torch.randn(n, h, c), torch.randn(n, h, c, m), attn, top,
+                                             torch.randn(n, h, s, m)))  # fmt: skip
     q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 4, torch.float32, 1, [s, 6], [length, 7])
     opcheck(OPS.topk_attention.default, (q, k, v, a, top, kpm, 0.5))
     out, w = OPS.topk_attention(q, k, v, a, top, kpm, 0.5)
@@ -563,6 +624,17 @@ def test_bad_input_errors_name_the_argument():
         OPS.topk_attention(q, q, q, a, torch.full((1, 2, 1, 2), 10), None, 1.0)
     with pytest.raises(RuntimeError, match="topk must be >= 1"):
         OPS.softmax_topk(torch.randn(1, 2, 3, 10), None, 0)
+    attn, top = torch.rand(1, 2, 3, 10), torch.zeros(1, 2, 3, 4, dtype=torch.long)
+    with pytest.raises(RuntimeError, match="top holds key index 10 outside 0..S-1 = 0..9"):
+        OPS.topk_rest(attn, top + 10, torch.randn(1, 2, 10, 4))
+    with pytest.raises(RuntimeError, match="top holds key index -1 outside"):
+        OPS.topk_rest_backward(torch.ones(1, 2, 3), torch.ones(1, 2, 3, 4), attn, top - 1, torch.randn(1, 2, 10, 4))
+    with pytest.raises(RuntimeError, match=r"v must have shape \(N, H, S, M\) = \(1, 2, 10, M\)"):
+        OPS.topk_rest(attn, top, torch.randn(1, 2, 9, 4))
+    with pytest.raises(RuntimeError, match="v must have the dtype of attn"):
+        OPS.topk_rest(attn, top, torch.randn(1, 2, 10, 4, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="grad must have the shape and dtype of attn"):
+        OPS.softmax_backward(attn[..., :5], attn)
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
@@ -626,6 +698,19 @@ for dtype in (torch.float32, torch.float64):
             assert float((attn - torch.softmax(xm, -1)).abs().max()) < 2e-5, ("softmax_topk", dtype, kk)
             rank = attn if mask is None else attn.masked_fill(mask[:, None, None], -1.0)
             assert torch.equal(top, rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk]), ("top", dtype, kk)
+# softmax_backward and topk_rest's backward (vectors plus a scalar tail): against ATen's formulas.
+for s_len, m in ((300, 64), (77, 19), (16, 33)):
+    x = torch.randn(2, 3, 5, s_len, generator=g, dtype=torch.float64)
+    attn, top = torch.ops.fairseq_clustered.softmax_topk(x, None, 9)
+    gr = torch.randn_like(attn)
+    want = attn * (gr - (gr * attn).sum(-1, keepdim=True))
+    assert float((torch.ops.fairseq_clustered.softmax_backward(gr, attn) - want).abs().max()) < 1e-12, "softmax_bwd"
+    v, g_rest, g_mass = (torch.randn(2, 3, s_len, m, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, m, generator=g,
+                         dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64))
+    a_, v_ = attn.clone().requires_grad_(), v.clone().requires_grad_()
+    ref = torch.autograd.grad((a_.gather(-1, top).sum(-1), a_.scatter(-1, top, 0.0) @ v_), (a_, v_), (g_mass, g_rest))
+    got = torch.ops.fairseq_clustered.topk_rest_backward(g_mass, g_rest, attn, top, v)
+    assert all(float((a - b).abs().max()) < 1e-12 for a, b in zip(got, ref)), "topk_rest_backward"
 # lsh_hash's packing (8 / 16 thresholds a compare, a scalar or masked tail), NaN projections giving 0
 # bits as `>` does, bit for bit with the reference.
 from fairseq_plugin.ops.hashing import hash_bits_of
