@@ -6,8 +6,8 @@ and the relative error of the output against exact attention (||out - exact||_F 
 two kinds of inputs: iid Gaussian queries/keys, and structured ones (queries and keys drawn around
 a few hundred shared centres, so that attention is peaked as in trained models). It also reports
 the time spent hashing and clustering (clust ms) next to the forward time, and per-stage times of
-one profiled call (hash, kmeans, aggregate, centroid_topk, topk_fwd, topk_bwd: the compiled ops,
-from torch.profiler). ``--skew 0.5`` makes half of each head's queries one point, so that one
+one profiled call (hash, kmeans, aggregate, centroid_topk, centroid_bwd, topk_fwd, topk_bwd,
+combine: the compiled ops, from torch.profiler). ``--skew 0.5`` makes half of each head's queries one point, so that one
 cluster holds them (the skewed-cluster case).
 
 Implementations: ``sdpa`` (torch.nn.functional.scaled_dot_product_attention; the flash backend on
@@ -50,7 +50,8 @@ CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (
 # the ops of both compiled namespaces (csrc/ and Triton), by the stage of the pipeline they are
 STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
           "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd",
-          "cluster_combine": "combine", "cluster_combine_backward": "combine"}  # fmt: skip
+          "cluster_combine": "combine", "cluster_combine_backward": "combine", "topk_rest": "centroid_topk",
+          "topk_rest_backward": "centroid_bwd", "softmax_backward": "centroid_bwd"}  # fmt: skip
 # --isa: the CPU instruction set a cell may use, for the plugin's kernels (FAIRSEQ_PLUGIN_CPU_ISA caps
 # their run-time choice) and for PyTorch's own (ATen's kernels, MKL's GEMM, oneDNN), so that an AVX2
 # machine is reproduced on an AVX-512 one, and both are compared side by side in one run.
