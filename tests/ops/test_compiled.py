@@ -705,8 +705,9 @@ for s_len, m in ((300, 64), (77, 19), (16, 33)):
     gr = torch.randn_like(attn)
     want = attn * (gr - (gr * attn).sum(-1, keepdim=True))
     assert float((torch.ops.fairseq_clustered.softmax_backward(gr, attn) - want).abs().max()) < 1e-12, "softmax_bwd"
-    v, g_rest, g_mass = (torch.randn(2, 3, s_len, m, generator=g, dtype=torch.float64), torch.randn(2, 3, 5, m, generator=g,
-                         dtype=torch.float64), torch.randn(2, 3, 5, generator=g, dtype=torch.float64))
+    v = torch.randn(2, 3, s_len, m, generator=g, dtype=torch.float64)
+    g_rest = torch.randn(2, 3, 5, m, generator=g, dtype=torch.float64)
+    g_mass = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
     a_, v_ = attn.clone().requires_grad_(), v.clone().requires_grad_()
     ref = torch.autograd.grad((a_.gather(-1, top).sum(-1), a_.scatter(-1, top, 0.0) @ v_), (a_, v_), (g_mass, g_rest))
     got = torch.ops.fairseq_clustered.topk_rest_backward(g_mass, g_rest, attn, top, v)
