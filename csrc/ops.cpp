@@ -37,6 +37,11 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   m.def(
       "topk_rest_backward(Tensor grad_mass, Tensor grad_rest, Tensor attn, Tensor top, Tensor v)"
       " -> (Tensor, Tensor)");
+  // softmax_topk of scale * centroids K^T followed by topk_rest, fused for inference (no autograd):
+  // centroids (N, H, C, E), k (N, H, S, E), v (N, H, S, M) -> (top, mass, rest), no (C, S) tensor.
+  m.def(
+      "centroid_topk(Tensor centroids, Tensor k, Tensor v, Tensor? key_padding_mask, int topk, float scale)"
+      " -> (Tensor, Tensor, Tensor)");
   // per query, exact attention over its cluster's top-k keys -> (out (N, H, L, M), weights (N, H, L, k))
   m.def(
       "topk_attention(Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top, Tensor? key_padding_mask,"
@@ -44,6 +49,11 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   m.def(
       "topk_attention_backward(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top,"
       " Tensor weights, float scale) -> (Tensor, Tensor, Tensor)");
+  // topk_attention followed by cluster_combine, fused for inference (no autograd, no weights):
+  // out[n, h, l] = mass[n, h, c] topk_attention(...)[n, h, l] + rest[n, h, c], zero for padded queries.
+  m.def(
+      "topk_attention_combine(Tensor q, Tensor k, Tensor v, Tensor assignment, Tensor top, Tensor mass,"
+      " Tensor rest, Tensor? key_padding_mask, float scale) -> Tensor");
   // The variant of the CPU hot loops this process runs: "avx512", "avx2" or "default" (the best the
   // CPU has, capped by FAIRSEQ_PLUGIN_CPU_ISA=avx2|default).
   m.def("cpu_isa() -> str", []() -> std::string {

@@ -229,6 +229,66 @@ FCA_INLINE void masked_softmax(T* s, const T* allowed, int64_t n) {
   for (int64_t t = 0; t < n; t += W) store_vec(s + t, load_vec<V>(s + t) * inv);
 }
 
+// ---------------------------------------------------------------------------------------------
+// GEMM on row-major blocks inside a parallel task, without the cost of creating tensors: the
+// Fortran entry points of the BLAS torch itself links (MKL in the x86 wheels, OpenBLAS in others),
+// which torch's CPU library exports. They are declared weak, so the extension still loads against
+// a torch without them; the call then goes through ATen on views of the same memory, as it also
+// does with FAIRSEQ_PLUGIN_CPU_BLAS=aten (which the tests use to check that path).
+
+}  // namespace fca
+
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+}
+
+namespace fca {
+
+inline bool blas_direct() {
+  static const bool direct = [] {
+    const char* choice = std::getenv("FAIRSEQ_PLUGIN_CPU_BLAS");
+    return sgemm_ != nullptr && dgemm_ != nullptr && !(choice != nullptr && std::strcmp(choice, "aten") == 0);
+  }();
+  return direct;
+}
+
+// c = a op(b) + beta c, all row-major: a (m, kd) with row stride lda; b (kd, n) with row stride ldb,
+// or, with trans_b, (n, kd) used transposed; c (m, n) with row stride ldc; beta 0 (c is then only
+// written) or 1. Called from inside at::parallel_for, the BLAS runs on the calling thread.
+template <typename T>
+void gemm_rows(bool trans_b, int64_t m, int64_t n, int64_t kd, const T* a, int64_t lda, const T* b, int64_t ldb,
+               T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (blas_direct()) {
+    // Row-major c = a op(b) is column-major c^T = op(b)^T a^T: the arrays as they are.
+    const char tb = trans_b ? 'T' : 'N', ta = 'N';
+    const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(kd);
+    const int ldbi = static_cast<int>(ldb), ldai = static_cast<int>(lda), ldci = static_cast<int>(ldc);
+    const T one = T(1);
+    if constexpr (std::is_same_v<T, float>) {
+      sgemm_(&tb, &ta, &mi, &ni, &ki, &one, b, &ldbi, a, &ldai, &beta, c, &ldci);
+    } else {
+      dgemm_(&tb, &ta, &mi, &ni, &ki, &one, b, &ldbi, a, &ldai, &beta, c, &ldci);
+    }
+    return;
+  }
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const at::Tensor av = at::from_blob(const_cast<T*>(a), {m, kd}, {lda, 1}, opts);
+  const at::Tensor bv = trans_b ? at::from_blob(const_cast<T*>(b), {n, kd}, {ldb, 1}, opts).t()
+                                : at::from_blob(const_cast<T*>(b), {kd, n}, {ldb, 1}, opts);
+  at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  if (beta == T(0)) {
+    cv.copy_(at::mm(av, bv));
+  } else {
+    cv.add_(at::mm(av, bv));
+  }
+}
+
 template <typename T>
 struct Acc { using type = float; };
 template <>

@@ -159,16 +159,19 @@ FCA_INLINE void forward_group(const T* const* qrow, T* const* orow, T* const* wr
       default: values_block<T, VB, G, kNV>(s, kp, vt, k, mp, m_dim, m0, orow, tmp); break;
     }
   }
-  for (int g = 0; g < G; ++g) std::copy(s + g * kp, s + g * kp + k, wrow[g]);
+  if (wrow != nullptr)
+    for (int g = 0; g < G; ++g) std::copy(s + g * kp, s + g * kp + k, wrow[g]);
 }
 
 // One cluster of one (n, h): gather its keys (transposed, E x kp, W x W blocks transposed in
 // registers) and values (kp x mp) into zero-padded tiles, then the members' scores, softmax and
-// weighted sums, G members at a time (a short last group runs with fewer).
+// weighted sums, G members at a time (a short last group runs with fewer). weights == nullptr:
+// they are not kept, and each output row becomes mass * row + rest (topk_attention_combine).
 template <typename T, int VB>
 FCA_INLINE void forward_cluster_body(const T* q, const T* key, const T* value, const bool* kpad,
                                      const int64_t* members, int64_t count, const int64_t* top, int64_t k,
-                                     int64_t e_dim, int64_t m_dim, T scale, T* out, T* weights, T* scratch) {
+                                     int64_t e_dim, int64_t m_dim, T scale, T* out, T* weights, T mass,
+                                     const T* rest, T* scratch) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t W = Vec<T, VB>::size;
   constexpr int G = kGroup<VB>;
@@ -219,14 +222,18 @@ FCA_INLINE void forward_cluster_body(const T* q, const T* key, const T* value, c
       const int64_t i = members[g0 + g];
       qrow[g] = q + i * e_dim;
       orow[g] = out + i * m_dim;
-      wrow[g] = weights + i * k;
+      if (weights != nullptr) wrow[g] = weights + i * k;
     }
+    T* const* wr = weights != nullptr ? wrow : nullptr;
     switch (group) {
-      case 1: forward_group<T, VB, 1>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
-      case 2: forward_group<T, VB, 2>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
-      case 3: forward_group<T, VB, 3>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
-      default: forward_group<T, VB, G>(qrow, orow, wrow, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      case 1: forward_group<T, VB, 1>(qrow, orow, wr, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      case 2: forward_group<T, VB, 2>(qrow, orow, wr, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      case 3: forward_group<T, VB, 3>(qrow, orow, wr, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
+      default: forward_group<T, VB, G>(qrow, orow, wr, kt, vt, allowed, k, e_dim, m_dim, scale, s, tmp); break;
     }
+    if (rest != nullptr)
+      for (int64_t g = 0; g < group; ++g)
+        for (int64_t x = 0; x < m_dim; ++x) orow[g][x] = mass * orow[g][x] + rest[x];
   }
 }
 FCA_MULTIVERSION(forward_cluster)
@@ -379,11 +386,14 @@ std::pair<std::vector<int64_t>, std::vector<int64_t>> group_all(const int64_t* a
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                      const at::Tensor& v_in, const at::Tensor& assignment_in,
-                                                      const at::Tensor& top_in,
-                                                      const std::optional<at::Tensor>& key_padding_mask,
-                                                      double scale) {
+namespace {
+
+// topk_attention (combine undefined: returns (out, weights)) and topk_attention_combine (combine =
+// (mass (N, H, C), rest (N, H, C, M)): returns (mass * out + rest, an empty weights tensor)).
+std::tuple<at::Tensor, at::Tensor> topk_forward(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+                                                const at::Tensor& assignment_in, const at::Tensor& top_in,
+                                                const std::optional<at::Tensor>& key_padding_mask, double scale,
+                                                const at::Tensor* mass_in, const at::Tensor* rest_in) {
   const Shapes sh = check_inputs(q_in, k_in, v_in, assignment_in, top_in);
   at::Tensor padded;
   if (key_padding_mask.has_value()) {
@@ -392,10 +402,26 @@ std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, co
     TORCH_CHECK(padded.dim() == 2 && padded.size(0) == sh.n && padded.size(1) == sh.s,
                 "key_padding_mask must have shape (N, S) = (", sh.n, ", ", sh.s, "), got ", padded.sizes());
   }
+  const bool combine = mass_in != nullptr;
+  at::Tensor mass, rest;
+  if (combine) {
+    TORCH_CHECK(mass_in->sizes() == at::IntArrayRef({sh.n, sh.h, sh.clusters}) &&
+                    mass_in->scalar_type() == q_in.scalar_type(),
+                "mass must have shape (N, H, C) = (", sh.n, ", ", sh.h, ", ", sh.clusters, ") and the dtype of q, got ",
+                mass_in->sizes(), " ", mass_in->scalar_type());
+    TORCH_CHECK(rest_in->sizes() == at::IntArrayRef({sh.n, sh.h, sh.clusters, sh.m}) &&
+                    rest_in->scalar_type() == q_in.scalar_type(),
+                "rest must have shape (N, H, C, M) = (", sh.n, ", ", sh.h, ", ", sh.clusters, ", ", sh.m,
+                ") and the dtype of q, got ", rest_in->sizes(), " ", rest_in->scalar_type());
+    check_same_device(q_in, *mass_in, "q", "mass");
+    check_same_device(q_in, *rest_in, "q", "rest");
+    mass = mass_in->contiguous();
+    rest = rest_in->contiguous();
+  }
   const at::Tensor q = q_in.contiguous(), key = k_in.contiguous(), value = v_in.contiguous();
   const at::Tensor assignment = assignment_in.contiguous(), top = top_in.contiguous();
   at::Tensor out = at::empty({sh.n, sh.h, sh.length, sh.m}, q.options());
-  at::Tensor weights = at::empty({sh.n, sh.h, sh.length, sh.k}, q.options());
+  at::Tensor weights = at::empty({sh.n, sh.h, combine ? 0 : sh.length, sh.k}, q.options());
   auto [order, offsets] = group_all(assignment.const_data_ptr<int64_t>(), sh);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_attention", [&] {
     const scalar_t* qp = q.const_data_ptr<scalar_t>();
@@ -403,8 +429,10 @@ std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, co
     const scalar_t* vp = value.const_data_ptr<scalar_t>();
     const int64_t* tp = top.const_data_ptr<int64_t>();
     const bool* pad = key_padding_mask.has_value() ? padded.const_data_ptr<bool>() : nullptr;
+    const scalar_t* mp = combine ? mass.const_data_ptr<scalar_t>() : nullptr;
+    const scalar_t* rp = combine ? rest.const_data_ptr<scalar_t>() : nullptr;
     scalar_t* op = out.mutable_data_ptr<scalar_t>();
-    scalar_t* wp = weights.mutable_data_ptr<scalar_t>();
+    scalar_t* wp = combine ? nullptr : weights.mutable_data_ptr<scalar_t>();
     const int64_t scratch_size = forward_scratch<scalar_t>(sh.k, sh.e, sh.m);
     // Every cluster of every (n, h) is an independent task.
     // Padded queries (assignment -1) belong to no cluster: their rows are zero.
@@ -413,7 +441,7 @@ std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, co
       for (int64_t i = begin; i < end; ++i)
         if (ap[i] < 0) {
           std::fill(op + i * sh.m, op + (i + 1) * sh.m, scalar_t(0));
-          std::fill(wp + i * sh.k, wp + (i + 1) * sh.k, scalar_t(0));
+          if (wp != nullptr) std::fill(wp + i * sh.k, wp + (i + 1) * sh.k, scalar_t(0));
         }
     });
     at::parallel_for(0, sh.n * sh.h * sh.clusters, grain_for(sh.length / sh.clusters * sh.k * (sh.e + sh.m)), [&](int64_t begin, int64_t end) {
@@ -426,11 +454,29 @@ std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q_in, co
                                   pad == nullptr ? nullptr : pad + (r / sh.h) * sh.s,
                                   order.data() + r * sh.length + off[j], off[j + 1] - off[j],
                                   tp + (r * sh.clusters + j) * sh.k, sh.k, sh.e, sh.m, static_cast<scalar_t>(scale),
-                                  op + r * sh.length * sh.m, wp + r * sh.length * sh.k, scratch.data());
+                                  op + r * sh.length * sh.m, wp == nullptr ? nullptr : wp + r * sh.length * sh.k,
+                                  combine ? mp[r * sh.clusters + j] : scalar_t(1),
+                                  combine ? rp + (r * sh.clusters + j) * sh.m : nullptr, scratch.data());
       }
     });
   });
   return {out, weights};
+}
+
+}  // namespace
+
+std::tuple<at::Tensor, at::Tensor> topk_attention_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                      const at::Tensor& assignment, const at::Tensor& top,
+                                                      const std::optional<at::Tensor>& key_padding_mask,
+                                                      double scale) {
+  return topk_forward(q, k, v, assignment, top, key_padding_mask, scale, nullptr, nullptr);
+}
+
+at::Tensor topk_attention_combine_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const at::Tensor& assignment, const at::Tensor& top, const at::Tensor& mass,
+                                      const at::Tensor& rest, const std::optional<at::Tensor>& key_padding_mask,
+                                      double scale) {
+  return std::get<0>(topk_forward(q, k, v, assignment, top, key_padding_mask, scale, &mass, &rest));
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
@@ -476,6 +522,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
 
 TORCH_LIBRARY_IMPL(fairseq_clustered, CPU, m) {
   m.impl("topk_attention", &topk_attention_cpu);
+  m.impl("topk_attention_combine", &topk_attention_combine_cpu);
   m.impl("topk_attention_backward", &topk_attention_backward_cpu);
 }
 

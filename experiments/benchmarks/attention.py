@@ -51,7 +51,8 @@ CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (
 STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
           "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd",
           "cluster_combine": "combine", "cluster_combine_backward": "combine", "topk_rest": "centroid_topk",
-          "topk_rest_backward": "centroid_bwd", "softmax_backward": "centroid_bwd"}  # fmt: skip
+          "topk_rest_backward": "centroid_bwd", "softmax_backward": "centroid_bwd", "centroid_topk": "centroid_topk",
+          "topk_attention_combine": "topk_fwd"}  # fmt: skip
 # --isa: the CPU instruction set a cell may use, for the plugin's kernels (FAIRSEQ_PLUGIN_CPU_ISA caps
 # their run-time choice) and for PyTorch's own (ATen's kernels, MKL's GEMM, oneDNN), so that an AVX2
 # machine is reproduced on an AVX-512 one, and both are compared side by side in one run.

@@ -232,6 +232,13 @@ def improved_clustered_attention(
                                               order=order, offsets=offsets)  # fmt: skip
         out = _zero_padded_queries(out, query_padding_mask)
         return (out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])) if return_clusters else out
+    if compiled.usable(q) and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+        # Inference: the centroid scores, softmax, top-k, m̂ and rest in one pass over blocks of
+        # clusters (no (C, S) tensor), then the top-k attention writes m̂·top + rest directly.
+        top, topk_mass, rest = torch.ops.fairseq_clustered.centroid_topk(centroids, k, v, key_padding_mask, kk, scale)
+        out = torch.ops.fairseq_clustered.topk_attention_combine(q, k, v, assignment, top, topk_mass, rest,
+                                                                 key_padding_mask, scale)  # fmt: skip
+        return (out, ClusterInfo(assignment, counts, topk_mass, counts.shape[-1])) if return_clusters else out
     if compiled.usable(q):
         # softmax and the top-k selection in one operator; the exact products over each cluster's
         # top-k keys without gathering them per query.

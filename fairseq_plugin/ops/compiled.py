@@ -154,6 +154,18 @@ def _register_python_parts() -> None:
         out = q.new_empty(n, h, length, v.shape[3])
         return out, q.new_empty(n, h, length, top.shape[3], dtype=_weights_dtype(q.dtype))
 
+    @torch.library.register_fake(lib + "centroid_topk")
+    def _(centroids, k, v, key_padding_mask, topk, scale):
+        n, h, c, _ = centroids.shape
+        kk = min(topk, k.shape[2])
+        return centroids.new_empty(n, h, c, kk, dtype=torch.int64), centroids.new_empty(n, h, c), \
+            centroids.new_empty(n, h, c, v.shape[3])
+
+    @torch.library.register_fake(lib + "topk_attention_combine")
+    def _(q, k, v, assignment, top, mass, rest, key_padding_mask, scale):
+        n, h, length, _ = q.shape
+        return q.new_empty(n, h, length, v.shape[3])
+
     @torch.library.register_fake(lib + "topk_attention_backward")
     def _(grad_out, q, k, v, assignment, top, weights, scale):
         return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)

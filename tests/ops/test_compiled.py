@@ -348,6 +348,80 @@ def test_topk_attention_forward_backward_match_reference(n, h, length, s, e, m, 
 
 
 # ---------------------------------------------------------------------------------------------
+# The fused inference operators (no autograd): each against the unfused operators it replaces
+
+
+def _centroid_unfused(centroids, k, v, kpm, topk, scale):
+    attn, top = OPS.softmax_topk((centroids * scale) @ k.transpose(-1, -2), kpm, topk)
+    return top, *OPS.topk_rest(attn, top, v)
+
+
+@pytest.mark.parametrize(
+    "n,h,c,s,e,m,topk,kpm_lengths",
+    [
+        (2, 3, 7, 41, 16, 12, 7, [41, 12]),
+        (1, 2, 100, 1024, 64, 64, 32, None),  # the benchmark's shape at 1k
+        (1, 1, 100, 6000, 8, 5, 32, [5000]),  # one head: split into blocks for the threads; long rows
+        (2, 1, 3, 5, 4, 3, 9, [5, 2]),  # topk > S
+        (1, 2, 1, 1, 3, 2, 1, None),  # one centroid, one key
+    ],
+)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_centroid_topk_matches_unfused_operators(n, h, c, s, e, m, topk, kpm_lengths, dtype):
+    """top identical, m̂ and the rest term within rounding of the GEMMs (blocked differently)."""
+    cen = torch.randn(n, h, c, e, generator=gen(c + s), dtype=dtype) * 2
+    k = torch.randn(n, h, s, e, generator=gen(1), dtype=dtype)
+    v = torch.randn(n, h, s, m, generator=gen(2), dtype=dtype)
+    kpm = None if kpm_lengths is None else padding_mask(kpm_lengths, s, left=[False, True])
+    top, mass, rest = OPS.centroid_topk(cen, k, v, kpm, topk, 0.3)
+    want = _centroid_unfused(cen, k, v, kpm, topk, 0.3)
+    assert top.shape == (n, h, c, min(topk, s)) and torch.equal(top, want[0])
+    assert mass.dtype == rest.dtype == dtype
+    assert rel_err(mass, want[1]) < TOL[dtype]
+    full = OPS.softmax_topk((cen * 0.3) @ k.transpose(-1, -2), kpm, topk)[0] @ v  # rest is A V minus top terms
+    assert float((rest - want[2]).abs().max() / full.abs().max()) < TOL[dtype]
+
+
+def test_centroid_topk_non_finite_rows_are_nan():
+    """A NaN or inf in a centroid makes its row's m̂ and rest NaN, and top valid key indices; other rows
+    are untouched. Every key padded: NaN too, as softmax_topk."""
+    cen, k, v = torch.randn(2, 2, 5, 8, generator=gen(0)), torch.randn(2, 2, 300, 8), torch.randn(2, 2, 300, 6)
+    cen[0, 1, 2, 3] = float("nan")
+    cen[1, 0, 4, 0] = float("inf")
+    kpm = torch.zeros(2, 300, dtype=torch.bool)
+    for mask in (None, kpm):
+        top, mass, rest = OPS.centroid_topk(cen, k, v, mask, 16, 0.5)
+        bad = torch.zeros(2, 2, 5, dtype=torch.bool)
+        bad[0, 1, 2] = bad[1, 0, 4] = True
+        assert bool(mass[bad].isnan().all() and rest[bad].isnan().all())
+        assert bool(mass[~bad].isfinite().all() and rest[~bad].isfinite().all())
+        assert bool(((top >= 0) & (top < 300)).all())
+    kpm[1] = True
+    _, mass, rest = OPS.centroid_topk(cen, k, v, kpm, 16, 0.5)
+    assert bool(mass[1].isnan().all() and rest[1].isnan().all())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_topk_attention_combine_matches_unfused_operators(dtype):
+    """m̂·(top-k attention) + rest in one pass: as topk_attention then cluster_combine; padded queries 0."""
+    n, h, length, s, e, m, c = 2, 3, 57, 41, 16, 12, 6
+    q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 7, dtype, 3, [s, 12], [length, 30])
+    mass = torch.rand(n, h, c, generator=gen(4), dtype=dtype)
+    rest = torch.randn(n, h, c, m, generator=gen(5), dtype=dtype)
+    with torch.no_grad():
+        got = OPS.topk_attention_combine(q, k, v, a, top, mass, rest, kpm, 0.3)
+        want = OPS.cluster_combine(OPS.topk_attention(q, k, v, a, top, kpm, 0.3)[0], mass, rest, a)
+        assert rel_err(got, want) < TOL[dtype]
+        assert bool((got[a < 0] == 0).all()) and (a < 0).any()
+        bad = rest.clone()
+        cluster = int(a[1, 2, 0])
+        bad[1, 2, cluster, 0] = float("nan")
+        out = OPS.topk_attention_combine(q, k, v, a, top, mass, bad, kpm, 0.3)
+    hit = a[1, 2] == cluster
+    assert bool(out[1, 2][hit][:, 0].isnan().all()) and bool(out[1, 2][~hit].isfinite().all())
+
+
+# ---------------------------------------------------------------------------------------------
 # The attention functions, compiled against reference
 
 
@@ -386,6 +460,54 @@ def test_attention_compiled_matches_reference(case, op, hash_bits, dtype):
         assert rel_err(a, b) < TOL[dtype]
     if info.topk_mass is not None:
         assert rel_err(info.topk_mass, rinfo.topk_mass) < TOL[dtype]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_inference_path_matches_reference(case, dtype):
+    """Without autograd, i-clustered attention runs the fused operators (centroid_topk,
+    topk_attention_combine): the same output and m̂ as the reference, and as the training path."""
+    cfg = CASES[case]
+    q, k, v = make_qkv(cfg["n"], cfg["h"], cfg["length"], cfg["s"], cfg["e"], cfg["m"], seed=case, dtype=dtype)
+    kpm = None if cfg["kpm"] is None else padding_mask(cfg["kpm"], cfg["s"])
+    qpm = None if cfg["qpm"] is None else padding_mask(cfg["qpm"], cfg["length"])
+    kw = dict(clusters=cfg["clusters"], topk=cfg["topk"], iterations=4, key_padding_mask=kpm, query_padding_mask=qpm,
+              return_clusters=True)  # fmt: skip
+    with torch.no_grad():
+        with compiled.use_compiled(False):
+            ref, rinfo = improved_clustered_attention(q, k, v, generator=gen(7), **kw)
+        got, info = improved_clustered_attention(q, k, v, generator=gen(7), **kw)
+    train, tinfo = improved_clustered_attention(q.clone().requires_grad_(), k, v, generator=gen(7), **kw)
+    assert torch.equal(info.assignment, rinfo.assignment)
+    assert rel_err(got, ref) < TOL[dtype] and rel_err(info.topk_mass, rinfo.topk_mass) < TOL[dtype]
+    assert rel_err(got, train) < TOL[dtype] and rel_err(info.topk_mass, tinfo.topk_mass) < TOL[dtype]
+    if qpm is not None:
+        assert bool((got[qpm[:, None, :].expand_as(got[..., 0])] == 0).all())
+
+
+def test_inference_path_with_atens_gemm():
+    """FAIRSEQ_PLUGIN_CPU_BLAS=aten: centroid_topk's GEMMs through ATen (what a torch without the BLAS
+    entry points gets) give the same result."""
+    code = r"""
+import torch
+from fairseq_plugin.ops import improved_clustered_attention, compiled
+assert compiled.load(), compiled.load_error()
+g = torch.Generator().manual_seed(0)
+for dtype in (torch.float32, torch.float64):
+    q, k, v = (torch.randn(2, 3, n, 24, generator=g, dtype=dtype) for n in (150, 300, 300))
+    kpm = torch.zeros(2, 300, dtype=torch.bool); kpm[1, 200:] = True
+    res = []
+    for use in (False, True):
+        with torch.no_grad(), compiled.use_compiled(use):
+            res.append(improved_clustered_attention(q, k, v, clusters=11, topk=20, key_padding_mask=kpm,
+                                                    generator=torch.Generator().manual_seed(1)))
+    err = float((res[0] - res[1]).abs().max() / res[0].abs().max())
+    assert err < (2e-5 if dtype == torch.float32 else 1e-12), (dtype, err)
+print("ok")
+"""
+    env = dict(os.environ, FAIRSEQ_PLUGIN_CPU_BLAS="aten")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, env=env, timeout=300)
+    assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -449,8 +571,12 @@ def test_opcheck_every_operator():
     opcheck(OPS.topk_rest.default, (attn.clone().requires_grad_(), top, torch.randn(n, h, s, m, requires_grad=True)))
     opcheck(OPS.topk_rest_backward.default, (torch.randn(n, h, c), torch.randn(n, h, c, m), attn, top,
                                              torch.randn(n, h, s, m)))  # fmt: skip
+    opcheck(OPS.centroid_topk.default, (torch.randn(n, h, c, e), torch.randn(n, h, s, e), torch.randn(n, h, s, m), kpm,
+                                        4, 0.5))  # fmt: skip
     q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 4, torch.float32, 1, [s, 6], [length, 7])
     opcheck(OPS.topk_attention.default, (q, k, v, a, top, kpm, 0.5))
+    opcheck(OPS.topk_attention_combine.default, (q.detach(), k.detach(), v.detach(), a, top, torch.rand(n, h, c),
+                                                 torch.randn(n, h, c, m), kpm, 0.5))  # fmt: skip
     out, w = OPS.topk_attention(q, k, v, a, top, kpm, 0.5)
     opcheck(OPS.topk_attention_backward.default, (torch.randn_like(out), q.detach(), k.detach(), v.detach(), a, top,
                                                   w.detach(), 0.5))  # fmt: skip
@@ -467,6 +593,8 @@ def test_torch_compile_traces_the_compiled_ops():
     got = torch.autograd.grad(traced(q, k, v), (q, k, v))
     for a, b in zip(got, eager):
         assert rel_err(a, b) < 1e-5
+    with torch.no_grad():  # the inference path's fused operators
+        assert rel_err(traced(q, k, v), f(q, k, v)) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -635,6 +763,20 @@ def test_bad_input_errors_name_the_argument():
         OPS.topk_rest(attn, top, torch.randn(1, 2, 10, 4, dtype=torch.float64))
     with pytest.raises(RuntimeError, match="grad must have the shape and dtype of attn"):
         OPS.softmax_backward(attn[..., :5], attn)
+    cen, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 5)
+    with pytest.raises(RuntimeError, match=r"k must have shape \(N, H, S, E\) = \(1, 2, S, 4\)"):
+        OPS.centroid_topk(cen, k[..., :3], v, None, 4, 0.5)
+    with pytest.raises(RuntimeError, match=r"v must have shape \(N, H, S, M\) = \(1, 2, 10, M\)"):
+        OPS.centroid_topk(cen, k, v[:, :, :9], None, 4, 0.5)
+    with pytest.raises(RuntimeError, match="centroids, k and v must share one dtype"):
+        OPS.centroid_topk(cen, k.double(), v, None, 4, 0.5)
+    with pytest.raises(RuntimeError, match="topk must be >= 1"):
+        OPS.centroid_topk(cen, k, v, None, 0, 0.5)
+    with pytest.raises(RuntimeError, match=r"key_padding_mask must have shape \(N, S\) = \(1, 10\)"):
+        OPS.centroid_topk(cen, k, v, torch.zeros(1, 9, dtype=torch.bool), 4, 0.5)
+    with pytest.raises(RuntimeError, match=r"rest must have shape \(N, H, C, M\) = \(1, 2, 1, 4\)"):
+        OPS.topk_attention_combine(q, q, q, a, torch.zeros(1, 2, 1, 2, dtype=torch.long), torch.ones(1, 2, 1),
+                                   torch.ones(1, 2, 1, 5), None, 1.0)  # fmt: skip
 
 
 @pytest.mark.parametrize("isa", ["default", "avx2", "best"])
@@ -658,8 +800,12 @@ for length, e, topk in ((300, 64, 32), (77, 19, 9), (150, 40, 57)):
                     out, info = fn(qq, kk, vv, clusters=11, generator=torch.Generator().manual_seed(1),
                                    key_padding_mask=kpm, query_padding_mask=kpm, return_clusters=True, **extra)
                 res.append((out, info.assignment, *torch.autograd.grad(out.square().sum(), (qq, kk, vv))))
+            with torch.no_grad():  # the inference path (fused operators for i-clustered)
+                out = fn(q.to(dtype), k.to(dtype), v.to(dtype), clusters=11, generator=torch.Generator().manual_seed(1),
+                         key_padding_mask=kpm, query_padding_mask=kpm, **extra)
+            res.append((out, res[1][1]))
             assert torch.equal(res[0][1], res[1][1]), "assignments differ"
-            for a, b in zip(res[0][:1] + res[0][2:], res[1][:1] + res[1][2:]):
+            for a, b in zip(res[0][:1] + res[0][2:] + res[0][:1], res[1][:1] + res[1][2:] + res[2][:1]):
                 err = float((a - b).abs().max() / b.abs().max())
                 assert err < (2e-5 if dtype == torch.float32 else 1e-12), (fn.__name__, dtype, err)
 # k-means alone, bit for bit: codes around a few centres (the passes after the first compare most
