@@ -29,16 +29,16 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   // softmax over keys of scaled centroid scores (N, H, C, S) with padded keys at 0, and the
   // min(topk, S) best keys per row, best first -> (attn float32/float64, top int64 (N, H, C, k))
   m.def("softmax_topk(Tensor scores, Tensor? key_padding_mask, int topk) -> (Tensor, Tensor)");
-  // its backward: dx = attn (grad - sum_t grad_t attn_t) per row of the last axis
-  m.def("softmax_backward(Tensor grad, Tensor attn) -> Tensor");
-  // mass = sum_{t in top} attn_t (N, H, C) and rest = sum_{t not in top} attn_t v_t (N, H, C, M),
-  // attn (N, H, C, S), top (N, H, C, k), v (N, H, S, M); and its adjoint -> (grad_attn, grad_v).
-  m.def("topk_rest(Tensor attn, Tensor top, Tensor v) -> (Tensor, Tensor)");
+  // softmax_topk of scale * centroids K^T, plus mass = sum_{t in top} attn_t (N, H, C) and
+  // rest = sum_{t not in top} attn_t v_t (N, H, C, M): centroids (N, H, C, E), k (N, H, S, E),
+  // v (N, H, S, M) -> (attn, top, mass, rest); and its adjoint -> (grad_centroids, grad_k, grad_v).
   m.def(
-      "topk_rest_backward(Tensor grad_mass, Tensor grad_rest, Tensor attn, Tensor top, Tensor v)"
-      " -> (Tensor, Tensor)");
-  // softmax_topk of scale * centroids K^T followed by topk_rest, fused for inference (no autograd):
-  // centroids (N, H, C, E), k (N, H, S, E), v (N, H, S, M) -> (top, mass, rest), no (C, S) tensor.
+      "centroid_attention(Tensor centroids, Tensor k, Tensor v, Tensor? key_padding_mask, int topk, float scale)"
+      " -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "centroid_attention_backward(Tensor grad_mass, Tensor grad_rest, Tensor attn, Tensor top, Tensor centroids,"
+      " Tensor k, Tensor v, float scale) -> (Tensor, Tensor, Tensor)");
+  // centroid_attention for inference (no autograd): -> (top, mass, rest), no (C, S) tensor.
   m.def(
       "centroid_topk(Tensor centroids, Tensor k, Tensor v, Tensor? key_padding_mask, int topk, float scale)"
       " -> (Tensor, Tensor, Tensor)");

@@ -257,35 +257,37 @@ inline bool blas_direct() {
   return direct;
 }
 
-// c = a op(b) + beta c, all row-major: a (m, kd) with row stride lda; b (kd, n) with row stride ldb,
-// or, with trans_b, (n, kd) used transposed; c (m, n) with row stride ldc; beta 0 (c is then only
-// written) or 1. Called from inside at::parallel_for, the BLAS runs on the calling thread.
+// c = alpha op(a) op(b) + beta c, all row-major: op(a) (m, kd), stored (m, kd) or, with trans_a,
+// (kd, m), row stride lda; op(b) (kd, n), stored (kd, n) or, with trans_b, (n, kd), row stride ldb;
+// c (m, n), row stride ldc; beta 0 (c is then only written) or 1. Called from inside
+// at::parallel_for, the BLAS runs on the calling thread.
 template <typename T>
-void gemm_rows(bool trans_b, int64_t m, int64_t n, int64_t kd, const T* a, int64_t lda, const T* b, int64_t ldb,
-               T beta, T* c, int64_t ldc) {
+void gemm_rows(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t kd, T alpha, const T* a, int64_t lda,
+               const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (blas_direct()) {
-    // Row-major c = a op(b) is column-major c^T = op(b)^T a^T: the arrays as they are.
-    const char tb = trans_b ? 'T' : 'N', ta = 'N';
+    // Row-major c = op(a) op(b) is column-major c^T = op(b)^T op(a)^T, on the arrays as they are.
+    const char tb = trans_b ? 'T' : 'N', ta = trans_a ? 'T' : 'N';
     const int mi = static_cast<int>(n), ni = static_cast<int>(m), ki = static_cast<int>(kd);
     const int ldbi = static_cast<int>(ldb), ldai = static_cast<int>(lda), ldci = static_cast<int>(ldc);
-    const T one = T(1);
     if constexpr (std::is_same_v<T, float>) {
-      sgemm_(&tb, &ta, &mi, &ni, &ki, &one, b, &ldbi, a, &ldai, &beta, c, &ldci);
+      sgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &ldbi, a, &ldai, &beta, c, &ldci);
     } else {
-      dgemm_(&tb, &ta, &mi, &ni, &ki, &one, b, &ldbi, a, &ldai, &beta, c, &ldci);
+      dgemm_(&tb, &ta, &mi, &ni, &ki, &alpha, b, &ldbi, a, &ldai, &beta, c, &ldci);
     }
     return;
   }
   const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor av = at::from_blob(const_cast<T*>(a), {m, kd}, {lda, 1}, opts);
+  const at::Tensor av = trans_a ? at::from_blob(const_cast<T*>(a), {kd, m}, {lda, 1}, opts).t()
+                                : at::from_blob(const_cast<T*>(a), {m, kd}, {lda, 1}, opts);
   const at::Tensor bv = trans_b ? at::from_blob(const_cast<T*>(b), {n, kd}, {ldb, 1}, opts).t()
                                 : at::from_blob(const_cast<T*>(b), {kd, n}, {ldb, 1}, opts);
   at::Tensor cv = at::from_blob(c, {m, n}, {ldc, 1}, opts);
+  const at::Tensor product = kd == 0 ? at::zeros({m, n}, opts) : at::mm(av, bv);
   if (beta == T(0)) {
-    cv.copy_(at::mm(av, bv));
+    cv.copy_(product.mul_(alpha));
   } else {
-    cv.add_(at::mm(av, bv));
+    cv.add_(product, alpha);
   }
 }
 

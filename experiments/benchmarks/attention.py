@@ -49,10 +49,10 @@ IMPLS = ["sdpa", "ref-clustered", "ref-i-clustered", "clustered", "i-clustered"]
 CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (half precision)
 # the ops of both compiled namespaces (csrc/ and Triton), by the stage of the pipeline they are
 STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
-          "softmax_topk": "centroid_topk", "topk_attention": "topk_fwd", "topk_attention_backward": "topk_bwd",
-          "cluster_combine": "combine", "cluster_combine_backward": "combine", "topk_rest": "centroid_topk",
-          "topk_rest_backward": "centroid_bwd", "softmax_backward": "centroid_bwd", "centroid_topk": "centroid_topk",
-          "topk_attention_combine": "topk_fwd"}  # fmt: skip
+          "softmax_topk": "centroid_topk", "centroid_attention": "centroid_topk", "centroid_topk": "centroid_topk",
+          "centroid_attention_backward": "centroid_bwd", "topk_attention": "topk_fwd",
+          "topk_attention_combine": "topk_fwd", "topk_attention_backward": "topk_bwd", "cluster_combine": "combine",
+          "cluster_combine_backward": "combine"}  # fmt: skip
 # --isa: the CPU instruction set a cell may use, for the plugin's kernels (FAIRSEQ_PLUGIN_CPU_ISA caps
 # their run-time choice) and for PyTorch's own (ATen's kernels, MKL's GEMM, oneDNN), so that an AVX2
 # machine is reproduced on an AVX-512 one, and both are compared side by side in one run.

@@ -240,13 +240,11 @@ def improved_clustered_attention(
                                                                  key_padding_mask, scale)  # fmt: skip
         return (out, ClusterInfo(assignment, counts, topk_mass, counts.shape[-1])) if return_clusters else out
     if compiled.usable(q):
-        # softmax and the top-k selection in one operator; the exact products over each cluster's
-        # top-k keys without gathering them per query.
-        scores = (centroids * scale) @ k.transpose(-1, -2)  # (N, H, C, S); scaled on the smaller side
-        attn, top = torch.ops.fairseq_clustered.softmax_topk(scores, key_padding_mask, kk)  # (N, H, C, S), (N, H, C, k)
-        # m̂ (N, H, C) and Σ_{t∉T_j} A^c_jt v_t (N, H, C, M) as A^c V minus the k top terms of each
-        # row: one GEMM, no masked (C, S) copy of A^c, no gathered values (attn has v's dtype here).
-        topk_mass, rest = torch.ops.fairseq_clustered.topk_rest(attn, top, v)
+        # The centroid scores, their softmax and top-k sets, m̂ (N, H, C) and Σ_{t∉T_j} A^c_jt v_t
+        # (N, H, C, M) in one operator (A^c V minus the k top terms of each row); the exact products
+        # over each cluster's top-k keys without gathering them per query.
+        _, top, topk_mass, rest = torch.ops.fairseq_clustered.centroid_attention(centroids, k, v, key_padding_mask,
+                                                                                kk, scale)  # fmt: skip
         top_out, _ = torch.ops.fairseq_clustered.topk_attention(q, k, v, assignment, top, key_padding_mask, scale)
         # m̂·top + rest in one pass over the queries; padded queries (assignment -1) come out zero.
         out = torch.ops.fairseq_clustered.cluster_combine(top_out, topk_mass, rest, assignment)

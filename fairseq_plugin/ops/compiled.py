@@ -135,18 +135,16 @@ def _register_python_parts() -> None:
         attn = scores.new_empty(scores.shape, dtype=_weights_dtype(scores.dtype))
         return attn, scores.new_empty(n, h, c, min(topk, s), dtype=torch.int64)
 
-    @torch.library.register_fake(lib + "softmax_backward")
-    def _(grad, attn):
-        return torch.empty_like(attn, memory_format=torch.contiguous_format)
+    @torch.library.register_fake(lib + "centroid_attention")
+    def _(centroids, k, v, key_padding_mask, topk, scale):
+        n, h, c, _ = centroids.shape
+        kk = min(topk, k.shape[2])
+        return (centroids.new_empty(n, h, c, k.shape[2]), centroids.new_empty(n, h, c, kk, dtype=torch.int64),
+                centroids.new_empty(n, h, c), centroids.new_empty(n, h, c, v.shape[3]))  # fmt: skip
 
-    @torch.library.register_fake(lib + "topk_rest")
-    def _(attn, top, v):
-        n, h, c, _ = attn.shape
-        return attn.new_empty(n, h, c), attn.new_empty(n, h, c, v.shape[3])
-
-    @torch.library.register_fake(lib + "topk_rest_backward")
-    def _(grad_mass, grad_rest, attn, top, v):
-        return torch.empty_like(attn, memory_format=torch.contiguous_format), torch.empty_like(v)
+    @torch.library.register_fake(lib + "centroid_attention_backward")
+    def _(grad_mass, grad_rest, attn, top, centroids, k, v, scale):
+        return torch.empty_like(centroids), torch.empty_like(k), torch.empty_like(v)
 
     @torch.library.register_fake(lib + "topk_attention")
     def _(q, k, v, assignment, top, key_padding_mask, scale):
@@ -203,25 +201,28 @@ def _register_python_parts() -> None:
 
     def softmax_backward(ctx, grad_attn, grad_top):
         (attn,) = ctx.saved_tensors
-        grad = ops.softmax_backward(grad_attn.to(attn.dtype), attn)  # attn (grad - Σ grad·attn), one pass
-        return grad.to(ctx.scores_dtype), None, None
+        grad = grad_attn.to(attn.dtype)
+        return (attn * (grad - (grad * attn).sum(-1, keepdim=True))).to(ctx.scores_dtype), None, None
 
     torch.library.register_autograd(lib + "softmax_topk", softmax_backward, setup_context=setup_softmax)
 
-    def setup_rest(ctx, inputs, output):
-        attn, top, v = inputs
-        ctx.save_for_backward(attn, top, v)
+    def setup_centroid(ctx, inputs, output):
+        centroids, k, v, _, _, scale = inputs
+        attn, top, _, _ = output
+        ctx.save_for_backward(attn, top, centroids, k, v)
+        ctx.scale = scale
+        ctx.mark_non_differentiable(attn, top)  # attn is kept for the backward only
+        ctx.set_materialize_grads(False)  # no (N, H, C, S) zeros for attn's gradient
 
-    def rest_backward(ctx, grad_mass, grad_rest):
-        attn, top, v = ctx.saved_tensors
-        if grad_mass is None:
-            grad_mass = attn.new_zeros(attn.shape[:3])
-        if grad_rest is None:
-            grad_rest = attn.new_zeros(*attn.shape[:3], v.shape[3])
-        grad_attn, grad_v = ops.topk_rest_backward(grad_mass, grad_rest, attn, top, v)
-        return grad_attn, None, grad_v
+    def centroid_backward(ctx, grad_attn, grad_top, grad_mass, grad_rest):
+        attn, top, centroids, k, v = ctx.saved_tensors
+        n, h, c, _ = attn.shape
+        grad_mass = attn.new_zeros(n, h, c) if grad_mass is None else grad_mass
+        grad_rest = attn.new_zeros(n, h, c, v.shape[3]) if grad_rest is None else grad_rest
+        grads = ops.centroid_attention_backward(grad_mass, grad_rest, attn, top, centroids, k, v, ctx.scale)
+        return *grads, None, None, None
 
-    torch.library.register_autograd(lib + "topk_rest", rest_backward, setup_context=setup_rest)
+    torch.library.register_autograd(lib + "centroid_attention", centroid_backward, setup_context=setup_centroid)
 
     def setup_topk(ctx, inputs, output):
         q, k, v, assignment, top, _, scale = inputs
@@ -229,9 +230,12 @@ def _register_python_parts() -> None:
         ctx.save_for_backward(q, k, v, assignment, top, weights)
         ctx.scale = scale
         ctx.mark_non_differentiable(weights)
+        ctx.set_materialize_grads(False)  # no (N, H, L, k) zeros for the weights' gradient
 
     def topk_backward(ctx, grad_out, grad_weights):
         q, k, v, assignment, top, weights = ctx.saved_tensors
+        if grad_out is None:
+            return None, None, None, None, None, None, None
         gq, gk, gv = ops.topk_attention_backward(grad_out.contiguous(), q, k, v, assignment, top, weights, ctx.scale)
         return gq, gk, gv, None, None, None, None
 

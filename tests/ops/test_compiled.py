@@ -171,59 +171,87 @@ def test_cluster_combine_matches_reference(dtype):
     assert not out[1, 2][hit].isfinite().all(dim=-1).any() and out[1, 2][~hit].isfinite().all()
 
 
-def _rest_reference(attn, top, v):
-    """m̂ and Σ_{t∉T} A_t v_t by masking A^c (what _topk_products_reference computes)."""
-    return attn.gather(-1, top).sum(-1), attn.scatter(-1, top, 0.0) @ v
+def _centroid_reference(centroids, k, v, kpm, topk, scale):
+    """attn, top, m̂ and Σ_{t∉T} A_t v_t from ATen's softmax and a masked A^c (what
+    _topk_products_reference computes), differentiable; top ranked as softmax_topk ranks."""
+    scores = (centroids * scale) @ k.transpose(-1, -2)
+    if kpm is not None:
+        scores = scores.masked_fill(kpm[:, None, None, :], float("-inf"))
+    attn = torch.softmax(scores, -1)
+    rank = attn.detach() if kpm is None else attn.detach().masked_fill(kpm[:, None, None, :], -1.0)
+    top = rank.sort(dim=-1, descending=True, stable=True).indices[..., : min(topk, k.shape[2])]
+    return attn, top, attn.gather(-1, top).sum(-1), attn.scatter(-1, top, 0.0) @ v
 
 
-@pytest.mark.parametrize("s,m,topk", [(41, 13, 7), (64, 64, 32), (5, 3, 5), (300, 17, 1)])
+@pytest.mark.parametrize(
+    "n,h,c,s,e,m,topk,kpm_lengths",
+    [
+        (2, 3, 7, 41, 16, 12, 7, [41, 12]),
+        (1, 2, 100, 1024, 64, 64, 32, None),  # the benchmark's shape at 1k
+        (1, 1, 100, 6000, 8, 5, 32, [5000]),  # one head: split into blocks for the threads; long rows
+        (2, 1, 3, 5, 4, 3, 9, [5, 2]),  # topk > S
+        (1, 2, 1, 1, 3, 2, 1, None),  # one centroid, one key
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_topk_rest_matches_reference(s, m, topk, dtype):
-    """m̂ and the rest term, forward and backward (through either output alone too); a NaN row stays NaN."""
-    n, h, c = 2, 3, 7
-    scores = torch.randn(n, h, c, s, generator=gen(s), dtype=dtype) * 2
-    attn0, top = OPS.softmax_topk(scores, None, topk)
-    attn = attn0.detach().requires_grad_()
-    v = torch.randn(n, h, s, m, generator=gen(m), dtype=dtype, requires_grad=True)
-    with torch.no_grad():
-        full = attn @ v
-    got, want = OPS.topk_rest(attn, top, v), _rest_reference(attn, top, v)
-    assert got[0].dtype == got[1].dtype == dtype and rel_err(got[0], want[0]) < TOL[dtype]
+def test_centroid_attention_matches_reference(n, h, c, s, e, m, topk, kpm_lengths, dtype):
+    """attn, top, m̂ and the rest term, and the gradients of centroids, k and v through m̂ and the rest
+    (either alone too); the inference operator centroid_topk gives the same top, m̂ and rest."""
+    cen = torch.randn(n, h, c, e, generator=gen(c + s), dtype=dtype, requires_grad=True)
+    k = torch.randn(n, h, s, e, generator=gen(1), dtype=dtype, requires_grad=True)
+    v = torch.randn(n, h, s, m, generator=gen(2), dtype=dtype, requires_grad=True)
+    kpm = None if kpm_lengths is None else padding_mask(kpm_lengths, s, left=[False, True])
+    attn, top, mass, rest = OPS.centroid_attention(cen, k, v, kpm, topk, 0.3)
+    want = _centroid_reference(cen, k, v, kpm, topk, 0.3)
+    assert top.shape == (n, h, c, min(topk, s)) and torch.equal(top, want[1])
+    assert attn.dtype == mass.dtype == rest.dtype == dtype
+    assert rel_err(attn, want[0]) < TOL[dtype] and rel_err(mass, want[2]) < TOL[dtype]
+    full = (want[0] @ v).detach()  # rest is A V minus the top terms: it rounds like the full product
 
-    def err(a, b, scale):  # rest and its gradients are full products minus the top terms: they round
-        return float((a - b).norm() / max(b.norm(), scale.norm()))  # relative to the full product
+    def err(a, b, scale):  # (and it is exactly 0 when topk = S)
+        return float((a - b).norm() / max(float(b.norm()), float(scale.norm()), 1e-30))
 
-    assert err(got[1].detach(), want[1].detach(), full) < TOL[dtype]  # (rest is exactly 0 when topk = S)
-    gm, gr = torch.randn_like(want[0]), torch.randn_like(want[1])
-    scales = gr @ v.detach().transpose(-1, -2), attn.detach().transpose(-1, -2) @ gr
+    assert err(rest.detach(), want[3].detach(), full) < TOL[dtype]
+    gm, gr = torch.randn_like(mass), torch.randn_like(rest)
+    # the gradients' scale before the top terms cancel (they may be all rounding, e.g. with topk >= S)
+    scales = torch.autograd.grad(((want[0] @ v) * gr).sum(), (cen, k, v), retain_graph=True)
     for outs in ((0, 1), (0,), (1,)):  # an unused output reaches the backward as None
         g_out = [(gm, gr)[i] for i in outs]
-        grads = torch.autograd.grad([got[i] for i in outs], (attn, v), g_out, retain_graph=True)
-        ref = torch.autograd.grad([want[i] for i in outs], (attn, v), g_out, retain_graph=True, allow_unused=True,
-                                  materialize_grads=True)  # fmt: skip
-        for a, b, scale in zip(grads, ref, scales):
-            assert err(a, b, scale) < TOL[dtype], outs
+        grads = torch.autograd.grad([(mass, rest)[i] for i in outs], (cen, k, v), g_out, retain_graph=True)
+        ref = torch.autograd.grad([(want[2], want[3])[i] for i in outs], (cen, k, v), g_out, retain_graph=True,
+                                  allow_unused=True, materialize_grads=True)  # fmt: skip
+        for got, expected, scale in zip(grads, ref, scales):
+            assert err(got, expected, scale) < TOL[dtype], (outs, err(got, expected, scale))
     with torch.no_grad():
-        bad = attn.clone()
-        bad[1, 2, 3] = float("nan")
-        mass, rest = OPS.topk_rest(bad, top, v)
-    assert mass[1, 2, 3].isnan() and rest[1, 2, 3].isnan().all()
-    assert mass.isnan().sum() == 1 and rest.isnan().sum() == m
+        top2, mass2, rest2 = OPS.centroid_topk(cen, k, v, kpm, topk, 0.3)
+    assert torch.equal(top2, top) and torch.equal(mass2, mass) and torch.equal(rest2, rest)
 
 
-@pytest.mark.parametrize("shape", [(2, 3, 7, 41), (1, 1, 1, 1), (3, 300), (2, 5, 64)])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_softmax_backward_matches_formula(shape, dtype):
-    x = torch.randn(*shape, generator=gen(len(shape)), dtype=dtype, requires_grad=True)
-    attn = torch.softmax(x, -1)
-    g = torch.randn(shape, generator=gen(9), dtype=dtype)
-    (want,) = torch.autograd.grad(attn, x, g)
-    got = OPS.softmax_backward(g, attn.detach())
-    assert rel_err(got, want) < TOL[dtype]
-    nan_attn = attn.detach().clone()
-    nan_attn.view(-1, shape[-1])[0] = float("nan")
-    out = OPS.softmax_backward(g, nan_attn).view(-1, shape[-1])
-    assert out[0].isnan().all() and out[1:].isfinite().all()
+def test_centroid_attention_non_finite_rows_are_nan():
+    """A NaN or inf in a centroid makes its row's attn, m̂ and rest NaN, and its gradients NaN, with
+    top valid key indices; other rows are untouched. Every key padded: NaN too, as softmax_topk."""
+    cen, k, v = torch.randn(2, 2, 5, 8, generator=gen(0)), torch.randn(2, 2, 300, 8), torch.randn(2, 2, 300, 6)
+    cen[0, 1, 2, 3] = float("nan")
+    cen[1, 0, 4, 0] = float("inf")
+    bad = torch.zeros(2, 2, 5, dtype=torch.bool)
+    bad[0, 1, 2] = bad[1, 0, 4] = True
+    kpm = torch.zeros(2, 300, dtype=torch.bool)
+    for mask in (None, kpm):
+        for inference in (False, True):
+            cc = cen.clone().requires_grad_(not inference)
+            if inference:
+                top, mass, rest = OPS.centroid_topk(cc, k, v, mask, 16, 0.5)
+            else:
+                attn, top, mass, rest = OPS.centroid_attention(cc, k, v, mask, 16, 0.5)
+                assert bool(attn[bad].isnan().all() and attn[~bad].isfinite().all())
+                (grad,) = torch.autograd.grad(rest.sum() + mass.sum(), cc)
+                assert bool(grad[bad].isnan().all() and grad[~bad].isfinite().all())
+            assert bool(mass[bad].isnan().all() and rest[bad].isnan().all())
+            assert bool(mass[~bad].isfinite().all() and rest[~bad].isfinite().all())
+            assert bool(((top >= 0) & (top < 300)).all())
+    kpm[1] = True
+    _, mass, rest = OPS.centroid_topk(cen, k, v, kpm, 16, 0.5)
+    assert bool(mass[1].isnan().all() and rest[1].isnan().all())
 
 
 @pytest.mark.parametrize("topk", [1, 5, 40, 41, 100])
@@ -348,57 +376,7 @@ def test_topk_attention_forward_backward_match_reference(n, h, length, s, e, m, 
 
 
 # ---------------------------------------------------------------------------------------------
-# The fused inference operators (no autograd): each against the unfused operators it replaces
-
-
-def _centroid_unfused(centroids, k, v, kpm, topk, scale):
-    attn, top = OPS.softmax_topk((centroids * scale) @ k.transpose(-1, -2), kpm, topk)
-    return top, *OPS.topk_rest(attn, top, v)
-
-
-@pytest.mark.parametrize(
-    "n,h,c,s,e,m,topk,kpm_lengths",
-    [
-        (2, 3, 7, 41, 16, 12, 7, [41, 12]),
-        (1, 2, 100, 1024, 64, 64, 32, None),  # the benchmark's shape at 1k
-        (1, 1, 100, 6000, 8, 5, 32, [5000]),  # one head: split into blocks for the threads; long rows
-        (2, 1, 3, 5, 4, 3, 9, [5, 2]),  # topk > S
-        (1, 2, 1, 1, 3, 2, 1, None),  # one centroid, one key
-    ],
-)
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_centroid_topk_matches_unfused_operators(n, h, c, s, e, m, topk, kpm_lengths, dtype):
-    """top identical, m̂ and the rest term within rounding of the GEMMs (blocked differently)."""
-    cen = torch.randn(n, h, c, e, generator=gen(c + s), dtype=dtype) * 2
-    k = torch.randn(n, h, s, e, generator=gen(1), dtype=dtype)
-    v = torch.randn(n, h, s, m, generator=gen(2), dtype=dtype)
-    kpm = None if kpm_lengths is None else padding_mask(kpm_lengths, s, left=[False, True])
-    top, mass, rest = OPS.centroid_topk(cen, k, v, kpm, topk, 0.3)
-    want = _centroid_unfused(cen, k, v, kpm, topk, 0.3)
-    assert top.shape == (n, h, c, min(topk, s)) and torch.equal(top, want[0])
-    assert mass.dtype == rest.dtype == dtype
-    assert rel_err(mass, want[1]) < TOL[dtype]
-    full = OPS.softmax_topk((cen * 0.3) @ k.transpose(-1, -2), kpm, topk)[0] @ v  # rest is A V minus top terms
-    assert float((rest - want[2]).abs().max() / full.abs().max()) < TOL[dtype]
-
-
-def test_centroid_topk_non_finite_rows_are_nan():
-    """A NaN or inf in a centroid makes its row's m̂ and rest NaN, and top valid key indices; other rows
-    are untouched. Every key padded: NaN too, as softmax_topk."""
-    cen, k, v = torch.randn(2, 2, 5, 8, generator=gen(0)), torch.randn(2, 2, 300, 8), torch.randn(2, 2, 300, 6)
-    cen[0, 1, 2, 3] = float("nan")
-    cen[1, 0, 4, 0] = float("inf")
-    kpm = torch.zeros(2, 300, dtype=torch.bool)
-    for mask in (None, kpm):
-        top, mass, rest = OPS.centroid_topk(cen, k, v, mask, 16, 0.5)
-        bad = torch.zeros(2, 2, 5, dtype=torch.bool)
-        bad[0, 1, 2] = bad[1, 0, 4] = True
-        assert bool(mass[bad].isnan().all() and rest[bad].isnan().all())
-        assert bool(mass[~bad].isfinite().all() and rest[~bad].isfinite().all())
-        assert bool(((top >= 0) & (top < 300)).all())
-    kpm[1] = True
-    _, mass, rest = OPS.centroid_topk(cen, k, v, kpm, 16, 0.5)
-    assert bool(mass[1].isnan().all() and rest[1].isnan().all())
+# The fused inference operator topk_attention_combine (no autograd) against the two it replaces
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -529,7 +507,8 @@ def test_gradcheck_operators_float64():
     assert torch.autograd.gradcheck(lambda t: OPS.softmax_topk(t, kpm, 4)[0], (scores,))
     q, k, v, kpm, a, attn, top, _ = _topk_case(n, h, length, s, e, m, c, 6, torch.float64, 5, [10], [9])
     assert torch.autograd.gradcheck(lambda *t: OPS.topk_attention(*t, a, top, kpm, 0.7)[0], (q, k, v))
-    assert torch.autograd.gradcheck(lambda a_, v_: OPS.topk_rest(a_, top, v_), (attn.detach().requires_grad_(), v))
+    cen = torch.randn(n, h, c, e, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *t: OPS.centroid_attention(*t, kpm, 4, 0.6)[2:], (cen, k, v))
 
 
 @pytest.mark.parametrize("op", ["clustered", "i_clustered"])
@@ -566,11 +545,11 @@ def test_opcheck_every_operator():
     opcheck(OPS.cluster_combine_backward.default, (torch.randn(n, h, length, m), top.detach(), mass.detach(), a))
     kpm = padding_mask([s, 6], s)
     opcheck(OPS.softmax_topk.default, (torch.randn(n, h, c, s, requires_grad=True), kpm, 4))
-    attn, top = OPS.softmax_topk(torch.randn(n, h, c, s), kpm, 4)
-    opcheck(OPS.softmax_backward.default, (torch.randn(n, h, c, s), attn))
-    opcheck(OPS.topk_rest.default, (attn.clone().requires_grad_(), top, torch.randn(n, h, s, m, requires_grad=True)))
-    opcheck(OPS.topk_rest_backward.default, (torch.randn(n, h, c), torch.randn(n, h, c, m), attn, top,
-                                             torch.randn(n, h, s, m)))  # fmt: skip
+    cen, kk_, vv_ = (torch.randn(n, h, x, y, requires_grad=True) for x, y in ((c, e), (s, e), (s, m)))
+    opcheck(OPS.centroid_attention.default, (cen, kk_, vv_, kpm, 4, 0.5))
+    attn, top, _, _ = OPS.centroid_attention(cen, kk_, vv_, kpm, 4, 0.5)
+    opcheck(OPS.centroid_attention_backward.default, (torch.randn(n, h, c), torch.randn(n, h, c, m), attn, top,
+                                                      cen.detach(), kk_.detach(), vv_.detach(), 0.5))  # fmt: skip
     opcheck(OPS.centroid_topk.default, (torch.randn(n, h, c, e), torch.randn(n, h, s, e), torch.randn(n, h, s, m), kpm,
                                         4, 0.5))  # fmt: skip
     q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 4, torch.float32, 1, [s, 6], [length, 7])
@@ -752,18 +731,17 @@ def test_bad_input_errors_name_the_argument():
         OPS.topk_attention(q, q, q, a, torch.full((1, 2, 1, 2), 10), None, 1.0)
     with pytest.raises(RuntimeError, match="topk must be >= 1"):
         OPS.softmax_topk(torch.randn(1, 2, 3, 10), None, 0)
-    attn, top = torch.rand(1, 2, 3, 10), torch.zeros(1, 2, 3, 4, dtype=torch.long)
-    with pytest.raises(RuntimeError, match="top holds key index 10 outside 0..S-1 = 0..9"):
-        OPS.topk_rest(attn, top + 10, torch.randn(1, 2, 10, 4))
-    with pytest.raises(RuntimeError, match="top holds key index -1 outside"):
-        OPS.topk_rest_backward(torch.ones(1, 2, 3), torch.ones(1, 2, 3, 4), attn, top - 1, torch.randn(1, 2, 10, 4))
-    with pytest.raises(RuntimeError, match=r"v must have shape \(N, H, S, M\) = \(1, 2, 10, M\)"):
-        OPS.topk_rest(attn, top, torch.randn(1, 2, 9, 4))
-    with pytest.raises(RuntimeError, match="v must have the dtype of attn"):
-        OPS.topk_rest(attn, top, torch.randn(1, 2, 10, 4, dtype=torch.float64))
-    with pytest.raises(RuntimeError, match="grad must have the shape and dtype of attn"):
-        OPS.softmax_backward(attn[..., :5], attn)
     cen, k, v = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 10, 4), torch.randn(1, 2, 10, 5)
+    attn, top = torch.rand(1, 2, 3, 10), torch.zeros(1, 2, 3, 4, dtype=torch.long)
+    gm, gr = torch.ones(1, 2, 3), torch.ones(1, 2, 3, 5)
+    with pytest.raises(RuntimeError, match="top holds key index 10 outside 0..S-1 = 0..9"):
+        OPS.centroid_attention_backward(gm, gr, attn, top + 10, cen, k, v, 0.5)
+    with pytest.raises(RuntimeError, match="top holds key index -1 outside"):
+        OPS.centroid_attention_backward(gm, gr, attn, top - 1, cen, k, v, 0.5)
+    with pytest.raises(RuntimeError, match=r"attn must have shape \(N, H, C, S\) = \(1, 2, 3, 10\)"):
+        OPS.centroid_attention_backward(gm, gr, attn[..., :5], top, cen, k, v, 0.5)
+    with pytest.raises(RuntimeError, match="grad_rest must have shape"):
+        OPS.centroid_attention_backward(gm, gr.double(), attn, top, cen, k, v, 0.5)
     with pytest.raises(RuntimeError, match=r"k must have shape \(N, H, S, E\) = \(1, 2, S, 4\)"):
         OPS.centroid_topk(cen, k[..., :3], v, None, 4, 0.5)
     with pytest.raises(RuntimeError, match=r"v must have shape \(N, H, S, M\) = \(1, 2, 10, M\)"):
@@ -844,20 +822,19 @@ for dtype in (torch.float32, torch.float64):
             assert float((attn - torch.softmax(xm, -1)).abs().max()) < 2e-5, ("softmax_topk", dtype, kk)
             rank = attn if mask is None else attn.masked_fill(mask[:, None, None], -1.0)
             assert torch.equal(top, rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk]), ("top", dtype, kk)
-# softmax_backward and topk_rest's backward (vectors plus a scalar tail): against ATen's formulas.
-for s_len, m in ((300, 64), (77, 19), (16, 33)):
-    x = torch.randn(2, 3, 5, s_len, generator=g, dtype=torch.float64)
-    attn, top = torch.ops.fairseq_clustered.softmax_topk(x, None, 9)
-    gr = torch.randn_like(attn)
-    want = attn * (gr - (gr * attn).sum(-1, keepdim=True))
-    assert float((torch.ops.fairseq_clustered.softmax_backward(gr, attn) - want).abs().max()) < 1e-12, "softmax_bwd"
-    v = torch.randn(2, 3, s_len, m, generator=g, dtype=torch.float64)
-    g_rest = torch.randn(2, 3, 5, m, generator=g, dtype=torch.float64)
-    g_mass = torch.randn(2, 3, 5, generator=g, dtype=torch.float64)
-    a_, v_ = attn.clone().requires_grad_(), v.clone().requires_grad_()
-    ref = torch.autograd.grad((a_.gather(-1, top).sum(-1), a_.scatter(-1, top, 0.0) @ v_), (a_, v_), (g_mass, g_rest))
-    got = torch.ops.fairseq_clustered.topk_rest_backward(g_mass, g_rest, attn, top, v)
-    assert all(float((a - b).abs().max()) < 1e-12 for a, b in zip(got, ref)), "topk_rest_backward"
+# centroid_attention's backward (the softmax's in place: vectors plus a scalar tail), and the block
+# split of a head (one head, two blocks for two threads): against autograd through ATen's softmax.
+for s_len, m, heads in ((300, 64, 3), (77, 19, 1), (16, 33, 2)):
+    cen = torch.randn(2, heads, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    key = torch.randn(2, heads, s_len, 24, generator=g, dtype=torch.float64, requires_grad=True)
+    val = torch.randn(2, heads, s_len, m, generator=g, dtype=torch.float64, requires_grad=True)
+    attn, top, mass, rest = torch.ops.fairseq_clustered.centroid_attention(cen, key, val, None, 9, 0.4)
+    a_ = torch.softmax((cen * 0.4) @ key.transpose(-1, -2), -1)
+    g_rest = torch.randn_like(rest)
+    ref = torch.autograd.grad((a_.gather(-1, top).sum(-1) * 3).sum() + ((a_.scatter(-1, top, 0.0) @ val) * g_rest).sum(),
+                              (cen, key, val))
+    got = torch.autograd.grad((mass * 3 + (rest * g_rest).sum(-1)).sum(), (cen, key, val))
+    assert all(float((a - b).abs().max() / b.abs().max()) < 1e-12 for a, b in zip(got, ref)), "centroid_attention_bwd"
 # lsh_hash's packing (8 / 16 thresholds a compare, a scalar or masked tail), NaN projections giving 0
 # bits as `>` does, bit for bit with the reference.
 from fairseq_plugin.ops.hashing import hash_bits_of
