@@ -45,9 +45,9 @@ void group_by_cluster(const int64_t* assignment, int64_t length, int64_t cluster
 
 inline int64_t round_up(int64_t x, int64_t w) { return (x + w - 1) / w * w; }
 
-// Backward: members are processed QB at a time: QB independent accumulator chains hide the FMA
-// latency, and each tile row loaded from L1 serves QB queries.
-constexpr int64_t QB = 4;
+// Backward: a cluster's members are gathered kChunk at a time into contiguous blocks, and every
+// product of the backward is a small matrix product over those blocks (tile_gemm).
+constexpr int64_t kChunk = 64;
 
 // Forward: G members at a time against NV vectors of keys (or of value features): G x NV
 // accumulators in registers (12 of AVX2's 16, 16 of AVX-512's 32), and each tile row loaded
@@ -66,7 +66,7 @@ int64_t forward_scratch(int64_t k, int64_t e, int64_t m) {
 template <typename T>
 int64_t backward_scratch(int64_t k, int64_t e, int64_t m) {
   const int64_t kp = round_up(k, kMaxLanes<T>), ep = round_up(e, kMaxLanes<T>), mp = round_up(m, kMaxLanes<T>);
-  return 2 * kp * ep + 2 * kp * mp + QB * (2 * kp + 2 * ep + mp);
+  return 2 * kp * ep + 2 * kp * mp + kChunk * (2 * kp + 2 * ep + mp);
 }
 
 // In-register transpose of W vectors of W lanes: at level B, rows i and i + B (bit B of i clear)
@@ -238,9 +238,62 @@ FCA_INLINE void forward_cluster_body(const T* q, const T* key, const T* value, c
 }
 FCA_MULTIVERSION(forward_cluster)
 
-// One cluster of one (n, h), backward: dq of the members, and the cluster's contribution to dk
-// and dv accumulated in tiles, then added to the key/value rows. QB members at a time; a short
-// last group is padded with zero gradients, which contribute nothing.
+// c[r][x] = (c[r][x] if accumulate, else 0) + sum_i a[r * ars + i * acs] b[i][x], for R rows and NV
+// vectors of x, i < kd: R x NV accumulators in registers; each row of b loaded serves R rows.
+template <typename T, int VB, int R, int NV>
+FCA_INLINE void tile_block(const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, int64_t kd, T* c,
+                           int64_t ldc, bool accumulate) {
+  using V = typename Vec<T, VB>::type;
+  constexpr int64_t W = Vec<T, VB>::size;
+  V acc[R][NV];
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) acc[r][v] = accumulate ? load_vec<V>(c + r * ldc + v * W) : V{};
+  for (int64_t i = 0; i < kd; ++i) {
+    V row[NV];
+    for (int v = 0; v < NV; ++v) row[v] = load_vec<V>(b + i * ldb + v * W);
+    for (int r = 0; r < R; ++r) {
+      const T x = a[r * ars + i * acs];
+      for (int v = 0; v < NV; ++v) acc[r][v] += x * row[v];
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int v = 0; v < NV; ++v) store_vec(c + r * ldc + v * W, acc[r][v]);
+}
+
+// The product above for `rows` rows and `vecs` vectors of columns (c and b padded to whole vectors),
+// in blocks of kRows x 2 vectors.
+template <typename T, int VB, int NV>
+FCA_INLINE void tile_rows(int64_t rows, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, int64_t kd,
+                          T* c, int64_t ldc, bool accumulate) {
+  constexpr int kRows = 6;
+  int64_t r0 = 0;
+  for (; r0 + kRows <= rows; r0 += kRows)
+    tile_block<T, VB, kRows, NV>(a + r0 * ars, ars, acs, b, ldb, kd, c + r0 * ldc, ldc, accumulate);
+  switch (rows - r0) {
+    case 1: tile_block<T, VB, 1, NV>(a + r0 * ars, ars, acs, b, ldb, kd, c + r0 * ldc, ldc, accumulate); break;
+    case 2: tile_block<T, VB, 2, NV>(a + r0 * ars, ars, acs, b, ldb, kd, c + r0 * ldc, ldc, accumulate); break;
+    case 3: tile_block<T, VB, 3, NV>(a + r0 * ars, ars, acs, b, ldb, kd, c + r0 * ldc, ldc, accumulate); break;
+    case 4: tile_block<T, VB, 4, NV>(a + r0 * ars, ars, acs, b, ldb, kd, c + r0 * ldc, ldc, accumulate); break;
+    case 5: tile_block<T, VB, 5, NV>(a + r0 * ars, ars, acs, b, ldb, kd, c + r0 * ldc, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+template <typename T, int VB>
+FCA_INLINE void tile_gemm(int64_t rows, int64_t vecs, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb,
+                          int64_t kd, T* c, int64_t ldc, bool accumulate) {
+  constexpr int64_t W = Vec<T, VB>::size;
+  int64_t v0 = 0;
+  for (; v0 + 2 <= vecs; v0 += 2)
+    tile_rows<T, VB, 2>(rows, a, ars, acs, b + v0 * W, ldb, kd, c + v0 * W, ldc, accumulate);
+  if (v0 < vecs) tile_rows<T, VB, 1>(rows, a, ars, acs, b + v0 * W, ldb, kd, c + v0 * W, ldc, accumulate);
+}
+
+// One cluster of one (n, h), backward: dq of the members (written: a query belongs to one cluster),
+// and the cluster's contribution to dk and dv accumulated in tiles, then added to the key/value
+// rows. Members are gathered kChunk at a time (rows of q, grad_out and weights); then, with G the
+// chunk's gradient block and K_T, V_T the cluster's keys and values:
+//   dw = G V_T^T,  ds = w (dw - rowsum(dw w)) scale,  dq = ds K_T,  dK_T += ds^T Q,  dV_T += w^T G.
 template <typename T, int VB>
 FCA_INLINE void backward_cluster_body(const T* grad_out, const T* q, const T* key, const T* value,
                                       const T* weights, const int64_t* members, int64_t count, const int64_t* top,
@@ -248,18 +301,19 @@ FCA_INLINE void backward_cluster_body(const T* grad_out, const T* q, const T* ke
                                       T* scratch) {
   using V = typename Vec<T, VB>::type;
   constexpr int64_t W = Vec<T, VB>::size;
+  constexpr int64_t kAhead = 8, kLine = 64 / static_cast<int64_t>(sizeof(T));
   const int64_t kp = round_up(k, W), ep = round_up(e_dim, W), mp = round_up(m_dim, W);
-  T* kr = scratch;                 // (kp, ep) keys, row layout
-  T* vt = kr + kp * ep;            // (mp, kp) values, transposed
-  T* gk_tile = vt + mp * kp;       // (kp, ep)
-  T* gv_tile = gk_tile + kp * ep;  // (kp, mp)
-  T* gs = gv_tile + kp * mp;       // (QB, kp)
-  T* wi = gs + QB * kp;            // (QB, kp)
-  T* qb = wi + QB * kp;            // (QB, ep)
-  T* gob = qb + QB * ep;           // (QB, mp)
-  T* dq = gob + QB * mp;           // (QB, ep)
-  // The caller zeroes scratch once; the padded parts of the key/value tiles stay zero and the
-  // gradient tiles are cleared here.
+  T* kr = scratch;                  // (kp, ep) keys, row layout
+  T* vt = kr + kp * ep;             // (mp, kp) values, transposed
+  T* gk_tile = vt + mp * kp;        // (kp, ep)
+  T* gv_tile = gk_tile + kp * ep;   // (kp, mp)
+  T* qc = gv_tile + kp * mp;        // (kChunk, ep) the chunk's queries
+  T* gc = qc + kChunk * ep;         // (kChunk, mp) their output gradients
+  T* wc = gc + kChunk * mp;         // (kChunk, kp) their weights
+  T* ds = wc + kChunk * kp;         // (kChunk, kp) dw, then ds
+  T* dq = ds + kChunk * kp;         // (kChunk, ep)
+  // The caller zeroes scratch once; the padded columns of every block stay zero (only the first
+  // e_dim / m_dim / k of a row are ever written), and the gradient tiles are cleared here.
   std::fill(gk_tile, gk_tile + kp * (ep + mp), T(0));
   for (int64_t t = 0; t < k; ++t) {
     const int64_t key_index = top[t];
@@ -267,70 +321,33 @@ FCA_INLINE void backward_cluster_body(const T* grad_out, const T* q, const T* ke
     const T* vr = value + key_index * m_dim;
     for (int64_t mm = 0; mm < m_dim; ++mm) vt[mm * kp + t] = vr[mm];
   }
-  for (int64_t g0 = 0; g0 < count; g0 += QB) {
-    const int64_t group = count - g0 < QB ? count - g0 : QB;
-    for (int64_t g = g0 + QB; g < g0 + 2 * QB && g < count; ++g) {  // the next group's rows
-      for (int64_t off = 0; off < e_dim; off += 64 / static_cast<int64_t>(sizeof(T))) {
-        __builtin_prefetch(q + members[g] * e_dim + off);
-        __builtin_prefetch(gq + members[g] * e_dim + off, 1);
+  for (int64_t c0 = 0; c0 < count; c0 += kChunk) {
+    const int64_t cnt = std::min(kChunk, count - c0);
+    for (int64_t g = 0; g < cnt; ++g) {
+      if (c0 + g + kAhead < count) {  // members are scattered over the sequence: fetch ahead
+        const int64_t ahead = members[c0 + g + kAhead];
+        for (int64_t off = 0; off < e_dim; off += kLine) __builtin_prefetch(q + ahead * e_dim + off);
+        for (int64_t off = 0; off < m_dim; off += kLine) __builtin_prefetch(grad_out + ahead * m_dim + off);
+        for (int64_t off = 0; off < k; off += kLine) __builtin_prefetch(weights + ahead * k + off);
       }
-      for (int64_t off = 0; off < m_dim; off += 64 / static_cast<int64_t>(sizeof(T)))
-        __builtin_prefetch(grad_out + members[g] * m_dim + off);
+      const int64_t i = members[c0 + g];
+      std::copy(q + i * e_dim, q + (i + 1) * e_dim, qc + g * ep);
+      std::copy(grad_out + i * m_dim, grad_out + (i + 1) * m_dim, gc + g * mp);
+      std::copy(weights + i * k, weights + (i + 1) * k, wc + g * kp);
     }
-    for (int64_t g = 0; g < QB; ++g) {
-      if (g < group) {
-        const int64_t i = members[g0 + g];
-        std::copy(grad_out + i * m_dim, grad_out + (i + 1) * m_dim, gob + g * mp);
-        std::copy(q + i * e_dim, q + (i + 1) * e_dim, qb + g * ep);
-        std::copy(weights + i * k, weights + (i + 1) * k, wi + g * kp);
-      } else {
-        std::fill(gob + g * mp, gob + (g + 1) * mp, T(0));
-        std::fill(wi + g * kp, wi + (g + 1) * kp, T(0));
-      }
-    }
-    for (int64_t t0 = 0; t0 < kp; t0 += W) {  // gw = g V_T^T
-      V acc[QB] = {};
-      for (int64_t mm = 0; mm < m_dim; ++mm) {
-        const V row = load_vec<V>(vt + mm * kp + t0);
-        for (int64_t g = 0; g < QB; ++g) acc[g] += gob[g * mp + mm] * row;
-      }
-      for (int64_t g = 0; g < QB; ++g) store_vec(gs + g * kp + t0, acc[g]);
-    }
-    for (int64_t g = 0; g < QB; ++g) {  // gs = w * (gw - w.gw) * scale = d loss / d (q_i . k_t)
-      T* gsg = gs + g * kp;
-      const T* wg = wi + g * kp;
+    tile_gemm<T, VB>(cnt, kp / W, gc, mp, 1, vt, kp, m_dim, ds, kp, false);  // dw = G V_T^T
+    for (int64_t g = 0; g < cnt; ++g) {  // ds = w (dw - w . dw) scale = d loss / d (q_i . k_t)
+      T* dsg = ds + g * kp;
+      const T* wg = wc + g * kp;
       V acc = V{};
-      for (int64_t t = 0; t < kp; t += W) acc += load_vec<V>(wg + t) * load_vec<V>(gsg + t);
+      for (int64_t t = 0; t < kp; t += W) acc += load_vec<V>(wg + t) * load_vec<V>(dsg + t);
       const T dot = hsum<T>(acc);
-      for (int64_t t = 0; t < kp; t += W)
-        store_vec(gsg + t, load_vec<V>(wg + t) * (load_vec<V>(gsg + t) - dot) * scale);
+      for (int64_t t = 0; t < kp; t += W) store_vec(dsg + t, load_vec<V>(wg + t) * (load_vec<V>(dsg + t) - dot) * scale);
     }
-    for (int64_t e0 = 0; e0 < ep; e0 += W) {  // dq = gs K_T
-      V acc[QB] = {};
-      for (int64_t t = 0; t < k; ++t) {
-        const V row = load_vec<V>(kr + t * ep + e0);
-        for (int64_t g = 0; g < QB; ++g) acc[g] += gs[g * kp + t] * row;
-      }
-      for (int64_t g = 0; g < QB; ++g) store_vec(dq + g * ep + e0, acc[g]);
-    }
-    for (int64_t g = 0; g < group; ++g) {
-      T* gqi = gq + members[g0 + g] * e_dim;
-      for (int64_t e = 0; e < e_dim; ++e) gqi[e] += dq[g * ep + e];
-    }
-    for (int64_t t = 0; t < k; ++t) {  // dk_t += gs_t q_i, dv_t += w_t g_i over the group
-      T* gkrow = gk_tile + t * ep;
-      T* gvrow = gv_tile + t * mp;
-      for (int64_t e0 = 0; e0 < ep; e0 += W) {
-        V acc = load_vec<V>(gkrow + e0);
-        for (int64_t g = 0; g < QB; ++g) acc += gs[g * kp + t] * load_vec<V>(qb + g * ep + e0);
-        store_vec(gkrow + e0, acc);
-      }
-      for (int64_t m0 = 0; m0 < mp; m0 += W) {
-        V acc = load_vec<V>(gvrow + m0);
-        for (int64_t g = 0; g < QB; ++g) acc += wi[g * kp + t] * load_vec<V>(gob + g * mp + m0);
-        store_vec(gvrow + m0, acc);
-      }
-    }
+    tile_gemm<T, VB>(cnt, ep / W, ds, kp, 1, kr, ep, k, dq, ep, false);  // dq = ds K_T
+    for (int64_t g = 0; g < cnt; ++g) std::copy(dq + g * ep, dq + g * ep + e_dim, gq + members[c0 + g] * e_dim);
+    tile_gemm<T, VB>(k, ep / W, ds, 1, kp, qc, ep, cnt, gk_tile, ep, true);  // dK_T += ds^T Q
+    tile_gemm<T, VB>(k, mp / W, wc, 1, kp, gc, mp, cnt, gv_tile, mp, true);  // dV_T += w^T G
   }
   for (int64_t t = 0; t < k; ++t) {
     const int64_t key_index = top[t];
@@ -494,10 +511,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> topk_attention_backward_cpu(
   const at::Tensor grad = grad_in.contiguous(), q = q_in.contiguous(), key = k_in.contiguous();
   const at::Tensor value = v_in.contiguous(), assignment = assignment_in.contiguous(), top = top_in.contiguous();
   const at::Tensor weights = weights_in.contiguous();
-  at::Tensor gq = at::zeros_like(q), gk = at::zeros_like(key), gv = at::zeros_like(value);
+  // gq: every real query's row is written by its cluster, padded queries' rows are zeroed here.
+  at::Tensor gq = at::empty_like(q, at::MemoryFormat::Contiguous), gk = at::zeros_like(key), gv = at::zeros_like(value);
   auto [order, offsets] = group_all(assignment.const_data_ptr<int64_t>(), sh);
   AT_DISPATCH_FLOATING_TYPES(q.scalar_type(), "topk_attention_backward", [&] {
     const int64_t scratch_size = backward_scratch<scalar_t>(sh.k, sh.e, sh.m);
+    const int64_t* ap = assignment.const_data_ptr<int64_t>();
+    scalar_t* gqp = gq.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, sh.n * sh.h * sh.length, grain_for(sh.e), [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i)
+        if (ap[i] < 0) std::fill(gqp + i * sh.e, gqp + (i + 1) * sh.e, scalar_t(0));
+    });
     // One (n, h) per task: its clusters write to shared key rows, in cluster order.
     at::parallel_for(0, sh.n * sh.h, grain_for(sh.length * sh.k * (sh.e + sh.m)), [&](int64_t begin, int64_t end) {
       std::vector<scalar_t> scratch(scratch_size, scalar_t(0));

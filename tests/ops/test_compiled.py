@@ -348,6 +348,7 @@ def _topk_case(n, h, length, s, e, m, c, topk, dtype, seed, kpm_lengths=None, qp
         (1, 4, 70, 45, 64, 64, 11, 32, [30], None),
         (1, 1, 1, 3, 5, 7, 1, 8, None, None),  # one query, topk > S
         (2, 2, 19, 66, 33, 17, 19, 17, [66, 66], [19, 1]),
+        (1, 2, 300, 45, 16, 12, 3, 7, None, [250]),  # ~100 members a cluster: the backward's chunks of 64
     ],
 )
 @pytest.mark.parametrize("dtype", DTYPES)
