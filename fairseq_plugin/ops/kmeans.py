@@ -64,7 +64,7 @@ def draw_kmeans_seeds(
     length: int,
     clusters: int,
     iterations: int,
-    padding_mask: Tensor,
+    padding_mask: Optional[Tensor],
     generator: Optional[torch.Generator],
     device: torch.device,
 ) -> Tuple[Tensor, Tensor]:
@@ -74,12 +74,19 @@ def draw_kmeans_seeds(
     Returns ``(init, reseed)``: init (N, H, C) int64, the initial centroids as query positions (a
     random permutation of the real queries per (n, h), its first C, cycled when a row has fewer
     than C real queries); reseed (iterations, N, H, C) int64, for every iteration a uniformly random
-    real query per cluster, whose code an empty cluster takes.
+    real query per cluster, whose code an empty cluster takes. ``padding_mask`` None (no padding)
+    draws exactly what an all-False mask draws, without sorting the positions (0.35 ms at L = 8k).
     """
+    keys = torch.rand(n, h, length, generator=generator, device=device, dtype=torch.float64)
+    if padding_mask is None:
+        # The C smallest keys in order: the first C of a random permutation (O(L), not a sort).
+        first = keys.topk(clusters, dim=-1, largest=False, sorted=True).indices  # (N, H, C)
+        u = torch.rand(iterations, n, h, clusters, generator=generator, device=device, dtype=torch.float64)
+        reseed = (u * length).long().clamp_max(length - 1)  # as _random_real_positions with every query real
+        return first, reseed
     real = ~padding_mask.view(n, 1, length).expand(n, h, length)  # (N, H, L)
     real_count = (~padding_mask).sum(1).clamp_min(1)  # (N,)
     real_order = torch.argsort(padding_mask.to(torch.int8), dim=1, stable=True)  # real positions first
-    keys = torch.rand(n, h, length, generator=generator, device=device, dtype=torch.float64)
     keys = keys.masked_fill(~real, 2.0)
     # The C smallest keys in order: the first C of a random permutation with the real queries
     # first (O(L), not a sort; the keys of real queries are distinct with probability 1).
@@ -143,8 +150,7 @@ def hamming_kmeans(
     n, h, length = codes.shape
     check_mask(padding_mask, "query_padding_mask", n, length, codes.device)
     c = min(clusters, length)
-    pad = padding_mask if padding_mask is not None else torch.zeros(n, length, dtype=torch.bool, device=codes.device)
-    init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, pad, generator, codes.device)
+    init, reseed = draw_kmeans_seeds(n, h, length, c, iterations, padding_mask, generator, codes.device)
     if implementation(codes) == "triton":
         from .triton import kmeans as triton_kmeans  # imports triton: only on this path
 

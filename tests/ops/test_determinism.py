@@ -115,6 +115,17 @@ def test_hamming_kmeans_reproducible():
     torch.testing.assert_close(c1.sum(-1), (~qpm).sum(-1, keepdim=True).expand(N, H))
 
 
+@pytest.mark.parametrize("n,h,length,clusters,iterations", [(2, 3, 37, 6, 5), (1, 4, 8192, 100, 10), (1, 1, 5, 5, 0)])
+def test_kmeans_seeds_without_a_mask_are_those_of_an_all_false_mask(n, h, length, clusters, iterations):
+    """No padding mask skips sorting the positions, and draws the same seeds from the same stream."""
+    from fairseq_plugin.ops.kmeans import draw_kmeans_seeds
+
+    got = draw_kmeans_seeds(n, h, length, clusters, iterations, None, gen(4), torch.device("cpu"))
+    want = draw_kmeans_seeds(n, h, length, clusters, iterations, torch.zeros(n, length, dtype=torch.bool), gen(4),
+                             torch.device("cpu"))  # fmt: skip
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
 def test_draw_planes_reproducible():
     p1 = draw_planes(17, E, True, gen(5), "cpu")
     p2 = draw_planes(17, E, True, gen(5), "cpu")
