@@ -156,8 +156,8 @@ def _register_python_parts() -> None:
     def _(centroids, k, v, key_padding_mask, topk, scale):
         n, h, c, _ = centroids.shape
         kk = min(topk, k.shape[2])
-        return centroids.new_empty(n, h, c, kk, dtype=torch.int64), centroids.new_empty(n, h, c), \
-            centroids.new_empty(n, h, c, v.shape[3])
+        return (centroids.new_empty(n, h, c, kk, dtype=torch.int64), centroids.new_empty(n, h, c),
+                centroids.new_empty(n, h, c, v.shape[3]))  # fmt: skip
 
     @torch.library.register_fake(lib + "topk_attention_combine")
     def _(q, k, v, assignment, top, mass, rest, key_padding_mask, scale):
