@@ -126,13 +126,15 @@ Shapes check_centroid_inputs(const at::Tensor& centroids, const at::Tensor& key,
 // Centroid rows per block. A block is a whole head up to kBlockBytes: each GEMM call packs all of K
 // or V (S rows) again, so small blocks cost more than their better cache locality saves (measured
 // on a Zen 3 EPYC at S = 8k, C = 100, H = 4: 128 kB blocks 15.8 + 11.6 ms of GEMM CPU time a call,
-// whole heads 6.8 + 5.5). Heads are split further only when there are fewer of them than threads.
+// whole heads 6.8 + 5.5). The forward splits heads further when there are fewer of them than
+// threads (its blocks are independent tasks); the backward never does (a head's blocks run in order,
+// in one task), so its sums do not depend on the thread count.
 constexpr int64_t kBlockBytes = 4 << 20;
 
-int64_t block_rows(int64_t heads, int64_t c, int64_t row_bytes) {
+int64_t block_rows(int64_t heads, int64_t c, int64_t row_bytes, bool split_for_threads) {
   int64_t rows = std::clamp<int64_t>(kBlockBytes / row_bytes, 1, std::max<int64_t>(c, 1));
   const int64_t threads = at::get_num_threads();
-  if (heads * ((c + rows - 1) / rows) < threads) {
+  if (split_for_threads && heads * ((c + rows - 1) / rows) < threads) {
     const int64_t per_head = (threads + heads - 1) / heads;
     rows = std::max<int64_t>(1, (c + per_head - 1) / per_head);
   }
@@ -145,7 +147,7 @@ template <typename T>
 void centroid_forward(const Shapes& sh, const T* cen, const T* key, const T* value, const std::vector<T>& allowed,
                       T scale, T* attn, int64_t* top, T* mass, T* rest) {
   const int64_t s = sh.s, e = sh.e, m = sh.m, c = sh.c, kk = sh.k;
-  const int64_t rows = block_rows(sh.n * sh.h, c, s * static_cast<int64_t>(sizeof(T)));
+  const int64_t rows = block_rows(sh.n * sh.h, c, s * static_cast<int64_t>(sizeof(T)), true);
   const int64_t blocks = (c + rows - 1) / rows;
   at::parallel_for(0, sh.n * sh.h * blocks, grain_for(rows * s * (e + m)), [&](int64_t begin, int64_t end) {
     std::vector<T> scratch(attn == nullptr ? rows * s : 0), scaled(rows * e), maxima(2 * s + kMaxLanes<T>);
@@ -257,7 +259,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> centroid_attention_backward_cpu(
     using T = scalar_t;
     const int64_t s = sh.s, e = sh.e, m = sh.m, c = sh.c;
     const T scale = static_cast<T>(scale_in);
-    const int64_t rows = block_rows(sh.n * sh.h, c, s * static_cast<int64_t>(sizeof(T)));
+    const int64_t rows = block_rows(sh.n * sh.h, c, s * static_cast<int64_t>(sizeof(T)), false);
     const T* gm = grad_mass.const_data_ptr<T>();
     const T* gr = grad_rest.const_data_ptr<T>();
     const T* a = attn.const_data_ptr<T>();

@@ -622,7 +622,8 @@ def test_bit_reproducible_with_seed(op):
 
 def test_kernels_are_independent_of_the_thread_count():
     """Our kernels split work so that no sum depends on the thread count (the GEMMs around them are
-    MKL's, whose last bits may change with the thread count)."""
+    MKL's, whose last bits may change with the thread count; the centroid attention's GEMMs run
+    single-threaded inside its tasks, so with at least as many (n, h) as threads they do not)."""
     n, h, length, s, e, m, c = 2, 3, 400, 380, 24, 20, 13
     q, k, v, kpm, a, _, top, _ = _topk_case(n, h, length, s, e, m, c, 16, torch.float32, 9, [s, 200], [length, 350])
     codes, init, reseed, pad = _kmeans_inputs(n, h, length, c, 6, 63, 3, [length, 350])
@@ -634,8 +635,12 @@ def test_kernels_are_independent_of_the_thread_count():
             out, w = OPS.topk_attention(q, k, v, a, top, kpm, 0.4)
             grads = torch.autograd.grad(out.square().sum(), (q, k, v))
             sums = OPS.cluster_sum(q.detach(), a, c)
+            cen = q[:, :, :c].detach().clone().requires_grad_()  # (N, H, C, E): as many heads as threads or more
+            centroid = OPS.centroid_attention(cen, k, v, kpm, 16, 0.4)
+            centroid_grads = torch.autograd.grad(centroid[2].sum() + centroid[3].square().sum(), (cen, k, v))
             results.append((out, w, *grads, sums, *OPS.hamming_kmeans(codes, init, reseed, pad, 63),
-                            OPS.softmax_topk(torch.randn(n, h, c, s, generator=gen(0)), kpm, 16)[1]))  # fmt: skip
+                            OPS.softmax_topk(torch.randn(n, h, c, s, generator=gen(0)), kpm, 16)[1],
+                            *centroid, *centroid_grads, *OPS.centroid_topk(cen, k, v, kpm, 16, 0.4)))  # fmt: skip
     finally:
         torch.set_num_threads(threads)
     for x, y in zip(*results):
@@ -823,8 +828,8 @@ for dtype in (torch.float32, torch.float64):
             assert float((attn - torch.softmax(xm, -1)).abs().max()) < 2e-5, ("softmax_topk", dtype, kk)
             rank = attn if mask is None else attn.masked_fill(mask[:, None, None], -1.0)
             assert torch.equal(top, rank.sort(dim=-1, descending=True, stable=True).indices[..., :kk]), ("top", dtype, kk)
-# centroid_attention's backward (the softmax's in place: vectors plus a scalar tail), and the block
-# split of a head (one head, two blocks for two threads): against autograd through ATen's softmax.
+# centroid_attention's backward (the softmax's in place: vectors plus a scalar tail), one head (the
+# forward splits it into blocks for the threads): against autograd through ATen's softmax.
 for s_len, m, heads in ((300, 64, 3), (77, 19, 1), (16, 33, 2)):
     cen = torch.randn(2, heads, 5, 24, generator=g, dtype=torch.float64, requires_grad=True)
     key = torch.randn(2, heads, s_len, 24, generator=g, dtype=torch.float64, requires_grad=True)
