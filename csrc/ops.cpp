@@ -32,6 +32,7 @@ TORCH_LIBRARY(fairseq_clustered, m) {
   // softmax_topk of scale * centroids K^T, plus mass = sum_{t in top} attn_t (N, H, C) and
   // rest = sum_{t not in top} attn_t v_t (N, H, C, M): centroids (N, H, C, E), k (N, H, S, E),
   // v (N, H, S, M) -> (attn, top, mass, rest); and its adjoint -> (grad_centroids, grad_k, grad_v).
+  // topk = 0: no top-k set, mass = 0 and rest = attn v (clustered attention's per-cluster values).
   m.def(
       "centroid_attention(Tensor centroids, Tensor k, Tensor v, Tensor? key_padding_mask, int topk, float scale)"
       " -> (Tensor, Tensor, Tensor, Tensor)");

@@ -8,7 +8,8 @@
 //       routines: softmax_rows.h).
 //   centroid_attention(centroids, k, v, key_padding_mask, topk, scale) -> (attn, top, mass, rest):
 //       the same from the centroids, for training; rest as A V (a GEMM) minus the k top terms of
-//       each row, with no masked copy of A and no gathered values.
+//       each row, with no masked copy of A and no gathered values. topk = 0: no top-k set, mass 0
+//       and rest = A V, the per-cluster values of clustered attention.
 //   centroid_attention_backward: the gradients of centroids, k and v from those of mass and rest;
 //       per (n, h): dA = g_rest V^T with the top entries set to g_mass (the top terms cancel in
 //       rest), the softmax's backward in place, then d centroids = scale dS K, dk = scale dS^T C and
@@ -112,7 +113,7 @@ Shapes check_centroid_inputs(const at::Tensor& centroids, const at::Tensor& key,
               value.scalar_type());
   check_same_device(centroids, key, "centroids", "k");
   check_same_device(centroids, value, "centroids", "v");
-  TORCH_CHECK(topk >= 1, "topk must be >= 1, got ", topk);
+  TORCH_CHECK(topk >= 0, "topk must be >= 0 (0: no top-k set, rest = A V), got ", topk);
   const Shapes sh{centroids.size(0), centroids.size(1), centroids.size(2), centroids.size(3),
                   key.size(2),       value.size(3),     std::min(topk, key.size(2))};
   TORCH_CHECK(key.size(0) == sh.n && key.size(1) == sh.h && key.size(3) == sh.e, "k must have shape (N, H, S, E) = (",
@@ -166,8 +167,9 @@ void centroid_forward(const Shapes& sh, const T* cen, const T* key, const T* val
         int64_t* tr = top + (first + r) * kk;
         Groups g;
         softmax_row<T>(static_cast<const T*>(w), al, s, kk, w, maxima.data(), &g);
-        select_row<T>(static_cast<const T*>(w), al, s, kk, static_cast<const T*>(maxima.data()),
-                      static_cast<const Groups*>(&g), buf.data(), maxima.data() + s, tr);
+        if (kk > 0)
+          select_row<T>(static_cast<const T*>(w), al, s, kk, static_cast<const T*>(maxima.data()),
+                        static_cast<const Groups*>(&g), buf.data(), maxima.data() + s, tr);
         T sum = 0;
         for (int64_t i = 0; i < kk; ++i) sum += w[tr[i]];
         mass[first + r] = sum;

@@ -43,6 +43,11 @@ def _zero_padded_queries(out: Tensor, query_padding_mask: Optional[Tensor]) -> T
     return out.masked_fill(query_padding_mask[:, None, :, None], 0.0)
 
 
+def _needs_grad(*tensors: Tensor) -> bool:
+    """Whether autograd will record this call (the compiled CPU path keeps what a backward needs only then)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _softmax(scores: Tensor, key_padding_mask: Optional[Tensor]) -> Tensor:
     """Row softmax over the last axis (keys) in at least float32, padded keys excluded."""
     if key_padding_mask is not None:
@@ -157,9 +162,18 @@ def clustered_attention(
     assignment, counts, centroids, _, _ = _cluster_queries(
         q, clusters, hash_bits, iterations, hash_bias, query_padding_mask, generator
     )
-    scores = centroids @ k.transpose(-1, -2) * _scale(softmax_temp, q.shape[-1])  # (N, H, C, S)
-    attn = _softmax(scores, key_padding_mask).to(v.dtype)  # (N, H, C, S)
-    out = _zero_padded_queries(_broadcast(attn @ v, assignment), query_padding_mask)  # (N, H, L, M)
+    scale = _scale(softmax_temp, q.shape[-1])
+    if compiled.usable(q):
+        # softmax(τ Q_c Kᵀ) V per cluster in one operator (topk 0: no top-k set), over blocks of
+        # clusters; for inference without any (C, S) tensor.
+        if _needs_grad(q, k, v):
+            values = torch.ops.fairseq_clustered.centroid_attention(centroids, k, v, key_padding_mask, 0, scale)[3]
+        else:
+            values = torch.ops.fairseq_clustered.centroid_topk(centroids, k, v, key_padding_mask, 0, scale)[2]
+    else:
+        attn = _softmax(centroids @ k.transpose(-1, -2) * scale, key_padding_mask).to(v.dtype)  # (N, H, C, S)
+        values = attn @ v  # (N, H, C, M)
+    out = _zero_padded_queries(_broadcast(values, assignment), query_padding_mask)  # (N, H, L, M)
     return (out, ClusterInfo(assignment, counts, None, counts.shape[-1])) if return_clusters else out
 
 
@@ -232,7 +246,7 @@ def improved_clustered_attention(
                                               order=order, offsets=offsets)  # fmt: skip
         out = _zero_padded_queries(out, query_padding_mask)
         return (out, ClusterInfo(assignment, counts, topk_mass.detach(), counts.shape[-1])) if return_clusters else out
-    if compiled.usable(q) and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)):
+    if compiled.usable(q) and not _needs_grad(q, k, v):
         # Inference: the centroid scores, softmax, top-k, m̂ and rest in one pass over blocks of
         # clusters (no (C, S) tensor), then the top-k attention writes m̂·top + rest directly.
         top, topk_mass, rest = torch.ops.fairseq_clustered.centroid_topk(centroids, k, v, key_padding_mask, kk, scale)

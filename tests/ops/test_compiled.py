@@ -187,6 +187,7 @@ def _centroid_reference(centroids, k, v, kpm, topk, scale):
     "n,h,c,s,e,m,topk,kpm_lengths",
     [
         (2, 3, 7, 41, 16, 12, 7, [41, 12]),
+        (2, 3, 7, 41, 16, 12, 0, [41, 12]),  # no top-k set: rest = A V (clustered attention)
         (1, 2, 100, 1024, 64, 64, 32, None),  # the benchmark's shape at 1k
         (1, 1, 100, 6000, 8, 5, 32, [5000]),  # one head: split into blocks for the threads; long rows
         (2, 1, 3, 5, 4, 3, 9, [5, 2]),  # topk > S
@@ -442,24 +443,30 @@ def test_attention_compiled_matches_reference(case, op, hash_bits, dtype):
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("op", ["clustered", "i_clustered"])
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_inference_path_matches_reference(case, dtype):
-    """Without autograd, i-clustered attention runs the fused operators (centroid_topk,
-    topk_attention_combine): the same output and m̂ as the reference, and as the training path."""
+def test_inference_path_matches_reference(case, op, dtype):
+    """Without autograd, the compiled path runs the fused inference operators (centroid_topk, and
+    topk_attention_combine for i-clustered): the same output and m̂ as the reference, and as the
+    training path."""
     cfg = CASES[case]
     q, k, v = make_qkv(cfg["n"], cfg["h"], cfg["length"], cfg["s"], cfg["e"], cfg["m"], seed=case, dtype=dtype)
     kpm = None if cfg["kpm"] is None else padding_mask(cfg["kpm"], cfg["s"])
     qpm = None if cfg["qpm"] is None else padding_mask(cfg["qpm"], cfg["length"])
-    kw = dict(clusters=cfg["clusters"], topk=cfg["topk"], iterations=4, key_padding_mask=kpm, query_padding_mask=qpm,
-              return_clusters=True)  # fmt: skip
+    fn = clustered_attention if op == "clustered" else improved_clustered_attention
+    extra = {} if op == "clustered" else {"topk": cfg["topk"]}
+    kw = dict(clusters=cfg["clusters"], iterations=4, key_padding_mask=kpm, query_padding_mask=qpm,
+              return_clusters=True, **extra)  # fmt: skip
     with torch.no_grad():
         with compiled.use_compiled(False):
-            ref, rinfo = improved_clustered_attention(q, k, v, generator=gen(7), **kw)
-        got, info = improved_clustered_attention(q, k, v, generator=gen(7), **kw)
-    train, tinfo = improved_clustered_attention(q.clone().requires_grad_(), k, v, generator=gen(7), **kw)
+            ref, rinfo = fn(q, k, v, generator=gen(7), **kw)
+        got, info = fn(q, k, v, generator=gen(7), **kw)
+    train, tinfo = fn(q.clone().requires_grad_(), k, v, generator=gen(7), **kw)
     assert torch.equal(info.assignment, rinfo.assignment)
-    assert rel_err(got, ref) < TOL[dtype] and rel_err(info.topk_mass, rinfo.topk_mass) < TOL[dtype]
-    assert rel_err(got, train) < TOL[dtype] and rel_err(info.topk_mass, tinfo.topk_mass) < TOL[dtype]
+    assert rel_err(got, ref) < TOL[dtype] and rel_err(got, train) < TOL[dtype]
+    if op == "i_clustered":
+        assert rel_err(info.topk_mass, rinfo.topk_mass) < TOL[dtype]
+        assert rel_err(info.topk_mass, tinfo.topk_mass) < TOL[dtype]
     if qpm is not None:
         assert bool((got[qpm[:, None, :].expand_as(got[..., 0])] == 0).all())
 
@@ -754,8 +761,8 @@ def test_bad_input_errors_name_the_argument():
         OPS.centroid_topk(cen, k, v[:, :, :9], None, 4, 0.5)
     with pytest.raises(RuntimeError, match="centroids, k and v must share one dtype"):
         OPS.centroid_topk(cen, k.double(), v, None, 4, 0.5)
-    with pytest.raises(RuntimeError, match="topk must be >= 1"):
-        OPS.centroid_topk(cen, k, v, None, 0, 0.5)
+    with pytest.raises(RuntimeError, match="topk must be >= 0"):
+        OPS.centroid_topk(cen, k, v, None, -1, 0.5)
     with pytest.raises(RuntimeError, match=r"key_padding_mask must have shape \(N, S\) = \(1, 10\)"):
         OPS.centroid_topk(cen, k, v, torch.zeros(1, 9, dtype=torch.bool), 4, 0.5)
     with pytest.raises(RuntimeError, match=r"rest must have shape \(N, H, C, M\) = \(1, 2, 1, 4\)"):
