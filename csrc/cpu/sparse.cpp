@@ -260,8 +260,7 @@ FCA_INLINE void tile_block(const T* a, int64_t ars, int64_t acs, const T* b, int
     for (int v = 0; v < NV; ++v) store_vec(c + r * ldc + v * W, acc[r][v]);
 }
 
-// The product above for `rows` rows and `vecs` vectors of columns (c and b padded to whole vectors),
-// in blocks of kRows x 2 vectors.
+// The product above for `rows` rows and NV vectors of columns, in blocks of kRows rows.
 template <typename T, int VB, int NV>
 FCA_INLINE void tile_rows(int64_t rows, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb, int64_t kd,
                           T* c, int64_t ldc, bool accumulate) {
@@ -279,6 +278,7 @@ FCA_INLINE void tile_rows(int64_t rows, const T* a, int64_t ars, int64_t acs, co
   }
 }
 
+// ... for `vecs` vectors of columns (c and b padded to whole vectors), 2 at a time.
 template <typename T, int VB>
 FCA_INLINE void tile_gemm(int64_t rows, int64_t vecs, const T* a, int64_t ars, int64_t acs, const T* b, int64_t ldb,
                           int64_t kd, T* c, int64_t ldc, bool accumulate) {

@@ -414,17 +414,23 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("case", range(len(CASES)))
-@pytest.mark.parametrize("op", ["clustered", "i_clustered"])
-@pytest.mark.parametrize("hash_bits", [1, 63])
-@pytest.mark.parametrize("dtype", DTYPES)
-def test_attention_compiled_matches_reference(case, op, hash_bits, dtype):
+def _case(case, op, dtype):
+    """CASES[case] as inputs: q, k, v, the masks, the attention function and its extra options."""
     cfg = CASES[case]
     q, k, v = make_qkv(cfg["n"], cfg["h"], cfg["length"], cfg["s"], cfg["e"], cfg["m"], seed=case, dtype=dtype)
     kpm = None if cfg["kpm"] is None else padding_mask(cfg["kpm"], cfg["s"])
     qpm = None if cfg["qpm"] is None else padding_mask(cfg["qpm"], cfg["length"])
     fn = clustered_attention if op == "clustered" else improved_clustered_attention
     extra = {} if op == "clustered" else {"topk": cfg["topk"]}
+    return cfg, q, k, v, kpm, qpm, fn, extra
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("op", ["clustered", "i_clustered"])
+@pytest.mark.parametrize("hash_bits", [1, 63])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_attention_compiled_matches_reference(case, op, hash_bits, dtype):
+    cfg, q, k, v, kpm, qpm, fn, extra = _case(case, op, dtype)
     results = []
     for use in (False, True):
         qq, kk, vv = (t.clone().requires_grad_() for t in (q, k, v))
@@ -449,12 +455,7 @@ def test_inference_path_matches_reference(case, op, dtype):
     """Without autograd, the compiled path runs the fused inference operators (centroid_topk, and
     topk_attention_combine for i-clustered): the same output and m̂ as the reference, and as the
     training path."""
-    cfg = CASES[case]
-    q, k, v = make_qkv(cfg["n"], cfg["h"], cfg["length"], cfg["s"], cfg["e"], cfg["m"], seed=case, dtype=dtype)
-    kpm = None if cfg["kpm"] is None else padding_mask(cfg["kpm"], cfg["s"])
-    qpm = None if cfg["qpm"] is None else padding_mask(cfg["qpm"], cfg["length"])
-    fn = clustered_attention if op == "clustered" else improved_clustered_attention
-    extra = {} if op == "clustered" else {"topk": cfg["topk"]}
+    cfg, q, k, v, kpm, qpm, fn, extra = _case(case, op, dtype)
     kw = dict(clusters=cfg["clusters"], iterations=4, key_padding_mask=kpm, query_padding_mask=qpm,
               return_clusters=True, **extra)  # fmt: skip
     with torch.no_grad():
