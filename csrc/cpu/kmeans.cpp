@@ -14,8 +14,11 @@
 //   with every centroid. Late iterations change few centroids (about 2-10 % at 8k queries).
 // - The per-bit member counts are kept up to date by the queries that moved, and the centroid of
 //   a cluster is recomputed only when its members changed (or it is empty and re-seeded).
-// The comparisons run 16 (AVX2: a nibble-table popcount, vpshufb + vpsadbw) or 32 (AVX-512:
-// vpopcntq) queries at a time against one broadcast centroid.
+// The comparisons: on AVX2, of 10 centroids or more with 96 queries or more, blocks of 32
+// queries transposed into nibbles against per-centroid lookup tables (scan_avx2_nibbles, about
+// one vector operation a distance); else 16 queries at a time against one broadcast centroid
+// (AVX2: a nibble-table popcount, vpshufb + vpsadbw, about three a distance), 32 on AVX-512
+// (vpopcntq).
 #include "cpu_common.h"
 
 #include <torch/library.h>
@@ -82,6 +85,145 @@ FCA_TARGET_AVX2 void scan_avx2(const int64_t* q, int64_t count, const int64_t* c
   scan_avx2_scalar(q + i, count - i, codes, index, m, keys + i);
 }
 
+// The AVX2 scan of many queries against many centroids, about 1 vector operation a distance
+// instead of 3: blocks of 32 queries are transposed into 16 vectors, vector n holding nibble n of
+// each query (one byte a query), and each centroid into 16 lookup tables, table n giving
+// popcount(x ^ nibble n of the centroid) for x = 0..15. A distance is then 16 table lookups
+// (vpshufb) summed by byte adds, for 32 queries at once, and a block's nearest centroid is
+// tracked in bytes (distance, ordinal in a chunk of at most 128 centroids), merged into the keys
+// once a chunk. `index` must be increasing (the callers' all_index and changed_index are): among
+// equal distances, the first centroid of a chunk (strict compare) is the lowest index, as in the
+// keys. The lanes of a transposed block hold the queries in the order nibble_lanes_avx2 finds.
+constexpr int64_t kNibbleChunk = 128;     // centroids a chunk: their tables are 32 kB
+// Below these the transposition and merge (about 1.5 ns a query) or the tables cost more than they save.
+constexpr int64_t kNibbleMinCentroids = 10, kNibbleMinQueries = 96;
+
+FCA_TARGET_AVX2 FCA_INLINE void nibble_transpose_avx2(const int64_t* q, __m256i* nib) {
+  // within a 128-bit lane (two codes): byte b of both as word b
+  const __m256i pair = _mm256_setr_epi8(0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15,  //
+                                        0, 8, 1, 9, 2, 10, 3, 11, 4, 12, 5, 13, 6, 14, 7, 15);
+  const __m256i low = _mm256_set1_epi8(0x0f);
+  __m256i w[8], v[2][4];
+  for (int k = 0; k < 8; ++k)
+    w[k] = _mm256_shuffle_epi8(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + 4 * k)), pair);
+  for (int g = 0; g < 2; ++g) {  // codes 16g..16g+15: bytes (2t, 2t+1) of 8 codes a lane in v[g][t]
+    const __m256i ab_lo = _mm256_unpacklo_epi16(w[4 * g], w[4 * g + 1]);
+    const __m256i ab_hi = _mm256_unpackhi_epi16(w[4 * g], w[4 * g + 1]);
+    const __m256i cd_lo = _mm256_unpacklo_epi16(w[4 * g + 2], w[4 * g + 3]);
+    const __m256i cd_hi = _mm256_unpackhi_epi16(w[4 * g + 2], w[4 * g + 3]);
+    v[g][0] = _mm256_unpacklo_epi32(ab_lo, cd_lo);
+    v[g][1] = _mm256_unpackhi_epi32(ab_lo, cd_lo);
+    v[g][2] = _mm256_unpacklo_epi32(ab_hi, cd_hi);
+    v[g][3] = _mm256_unpackhi_epi32(ab_hi, cd_hi);
+  }
+  for (int t = 0; t < 4; ++t) {  // byte 2t and 2t + 1 of the 32 codes, then their nibbles
+    const __m256i b0 = _mm256_unpacklo_epi64(v[0][t], v[1][t]), b1 = _mm256_unpackhi_epi64(v[0][t], v[1][t]);
+    nib[4 * t] = _mm256_and_si256(b0, low);
+    nib[4 * t + 1] = _mm256_and_si256(_mm256_srli_epi16(b0, 4), low);
+    nib[4 * t + 2] = _mm256_and_si256(b1, low);
+    nib[4 * t + 3] = _mm256_and_si256(_mm256_srli_epi16(b1, 4), low);
+  }
+}
+
+// lane[l]: the query (of 32) that byte lane l of a transposed block holds, found by
+// transposing the codes 0..31 once.
+struct NibbleLanes {
+  uint8_t lane[32];
+};
+FCA_TARGET_AVX2 NibbleLanes nibble_lanes_avx2() {
+  int64_t ids[32];
+  for (int64_t i = 0; i < 32; ++i) ids[i] = i;  // byte 0 = i: nibble 0 = i & 15, nibble 1 = i >> 4
+  alignas(32) __m256i nib[16];
+  nibble_transpose_avx2(ids, nib);
+  alignas(32) uint8_t lo[32], hi[32];
+  _mm256_store_si256(reinterpret_cast<__m256i*>(lo), nib[0]);
+  _mm256_store_si256(reinterpret_cast<__m256i*>(hi), nib[1]);
+  NibbleLanes lanes;
+  for (int l = 0; l < 32; ++l) lanes.lane[l] = static_cast<uint8_t>(lo[l] | hi[l] << 4);
+  return lanes;
+}
+
+// R transposed blocks (nib[r][16]) against the chunk's mc tables: best distance and ordinal per lane.
+template <int R>
+FCA_TARGET_AVX2 __attribute__((noinline)) void nibble_blocks_avx2(const __m256i* nib, const __m128i* tables, int64_t mc,
+                                                                  uint8_t* best_out, uint8_t* ord_out) {
+  __m256i best[R], ord[R];
+  for (int r = 0; r < R; ++r) {
+    best[r] = _mm256_set1_epi8(0x7f);  // above any distance (<= 64): the first centroid always wins
+    ord[r] = _mm256_setzero_si256();
+  }
+  for (int64_t j = 0; j < mc; ++j) {
+    const __m128i* t = tables + j * 16;
+    __m256i acc[R];
+    const __m256i t0 = _mm256_broadcastsi128_si256(_mm_load_si128(t));
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_shuffle_epi8(t0, nib[r * 16]);
+#pragma GCC unroll 3  // unrolled in full, GCC hoists the 16 tables and spills them (1.7x slower)
+    for (int n = 1; n < 16; ++n) {
+      const __m256i tn = _mm256_broadcastsi128_si256(_mm_load_si128(t + n));
+      for (int r = 0; r < R; ++r) acc[r] = _mm256_add_epi8(acc[r], _mm256_shuffle_epi8(tn, nib[r * 16 + n]));
+    }
+    const __m256i o = _mm256_set1_epi8(static_cast<char>(j));
+    for (int r = 0; r < R; ++r) {
+      const __m256i closer = _mm256_cmpgt_epi8(best[r], acc[r]);  // strict: the earlier centroid keeps a tie
+      best[r] = _mm256_min_epu8(best[r], acc[r]);
+      ord[r] = _mm256_blendv_epi8(ord[r], o, closer);
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(best_out + 32 * r), best[r]);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(ord_out + 32 * r), ord[r]);
+  }
+}
+
+FCA_TARGET_AVX2 void scan_avx2_nibbles(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* index,
+                                       int64_t m, int64_t* keys) {
+  static const NibbleLanes lanes = nibble_lanes_avx2();
+  constexpr int R = 4;
+  const __m128i pop = _mm_setr_epi8(0, 1, 1, 2, 1, 2, 2, 3, 1, 2, 2, 3, 2, 3, 3, 4);
+  const __m128i iota = _mm_setr_epi8(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  alignas(32) __m128i tables[kNibbleChunk * 16];
+  alignas(32) __m256i nib[R * 16];
+  alignas(32) uint8_t best[R * 32], ord[R * 32];
+  int64_t tail[32];
+  const int64_t blocks = (count + 31) / 32;
+  for (int64_t c0 = 0; c0 < m; c0 += kNibbleChunk) {
+    const int64_t mc = std::min(kNibbleChunk, m - c0);
+    for (int64_t j = 0; j < mc; ++j) {
+      const uint64_t c = static_cast<uint64_t>(codes[c0 + j]);
+      for (int n = 0; n < 16; ++n)
+        tables[j * 16 + n] = _mm_shuffle_epi8(pop, _mm_xor_si128(iota, _mm_set1_epi8(static_cast<char>(c >> 4 * n & 15))));
+    }
+    for (int64_t b0 = 0; b0 < blocks; b0 += R) {
+      const int rb = static_cast<int>(std::min<int64_t>(R, blocks - b0));
+      for (int r = 0; r < rb; ++r) {
+        const int64_t i0 = (b0 + r) * 32;
+        const int64_t* src = q + i0;
+        if (count - i0 < 32) {  // the last block: zero codes in the missing lanes, never merged
+          std::fill(tail, tail + 32, 0);
+          std::copy(q + i0, q + count, tail);
+          src = tail;
+        }
+        nibble_transpose_avx2(src, nib + 16 * r);
+      }
+      switch (rb) {
+        case 4: nibble_blocks_avx2<4>(nib, tables, mc, best, ord); break;
+        case 3: nibble_blocks_avx2<3>(nib, tables, mc, best, ord); break;
+        case 2: nibble_blocks_avx2<2>(nib, tables, mc, best, ord); break;
+        default: nibble_blocks_avx2<1>(nib, tables, mc, best, ord); break;
+      }
+      for (int r = 0; r < rb; ++r) {
+        const int64_t i0 = (b0 + r) * 32;
+        for (int l = 0; l < 32; ++l) {
+          const int64_t i = i0 + lanes.lane[l];
+          if (i >= count) continue;
+          const int64_t key = int64_t{best[32 * r + l]} << 32 | index[c0 + ord[32 * r + l]];
+          keys[i] = key < keys[i] ? key : keys[i];
+        }
+      }
+    }
+  }
+}
+
 FCA_TARGET_AVX512 void scan_avx512(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* index,
                                    int64_t m, int64_t* keys) {
   constexpr int64_t R = 4, W = 8;
@@ -109,7 +251,9 @@ void scan(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* 
 #if FCA_HAVE_MULTIVERSION
   switch (cpu_isa()) {
     case Isa::kAvx512: return scan_avx512(q, count, codes, index, m, keys);
-    case Isa::kAvx2: return scan_avx2(q, count, codes, index, m, keys);
+    case Isa::kAvx2:
+      if (count >= kNibbleMinQueries && m >= kNibbleMinCentroids) return scan_avx2_nibbles(q, count, codes, index, m, keys);
+      return scan_avx2(q, count, codes, index, m, keys);
     default: break;
   }
 #endif
@@ -117,11 +261,33 @@ void scan(const int64_t* q, int64_t count, const int64_t* codes, const int64_t* 
 }
 
 // Add (sign +1) or remove (-1) a code's bits to / from a cluster's 64 per-bit counters.
-template <typename T, int VB>
-FCA_INLINE void add_bits_body(uint64_t h, int32_t sign, int32_t* row) {
+void add_bits_scalar(uint64_t h, int32_t sign, int32_t* row) {
   for (int64_t b = 0; b < 64; ++b) row[b] += sign * static_cast<int32_t>((h >> b) & 1u);
 }
-FCA_MULTIVERSION(add_bits)
+
+#if FCA_HAVE_MULTIVERSION
+// 8 counters a vector: a byte of h broadcast, its bits as all-ones lanes, masked sign added.
+FCA_TARGET_AVX2 void add_bits_avx2(uint64_t h, int32_t sign, int32_t* row) {
+  const __m256i bit = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128), s = _mm256_set1_epi32(sign);
+  for (int k = 0; k < 8; ++k) {
+    const __m256i set = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(static_cast<int>(h >> 8 * k & 0xff)), bit), bit);
+    __m256i* p = reinterpret_cast<__m256i*>(row + 8 * k);
+    _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_and_si256(set, s)));
+  }
+}
+
+#endif
+
+void add_bits(uint64_t h, int32_t sign, int32_t* row) {
+#if FCA_HAVE_MULTIVERSION
+  switch (cpu_isa()) {
+    case Isa::kAvx512:  // (a masked AVX-512 add would do 16 a vector; this CPU cannot run it to test it)
+    case Isa::kAvx2: return add_bits_avx2(h, sign, row);
+    default: break;
+  }
+#endif
+  add_bits_scalar(h, sign, row);
+}
 
 // The k-means state of one (n, h) row.
 struct Row {
@@ -138,7 +304,7 @@ struct Row {
 
 // Assignment pass over queries [l0, l1) of a row (reads the row's centroids, writes its keys).
 // The queries whose centroid changed are compared with every centroid, the others with the
-// changed ones only; each group is gathered into `scratch` (5 (l1 - l0) values) for the scan.
+// changed ones only; each group is gathered into `scratch` (6 (l1 - l0) values) for the scan.
 void assign_range(const Row& row, int64_t clusters, int64_t l0, int64_t l1, int64_t* scratch) {
   const bool* pad = row.pad;
   if (row.first && pad == nullptr) {  // the first pass: every query, every centroid, in place
@@ -147,28 +313,29 @@ void assign_range(const Row& row, int64_t clusters, int64_t l0, int64_t l1, int6
     return;
   }
   const int64_t span = l1 - l0;
-  int64_t *q_full = scratch, *k_full = scratch + span, *q_part = scratch + 2 * span, *k_part = scratch + 3 * span;
-  int64_t* at = scratch + 4 * span;
-  int64_t full = 0, part = 0;  // at[0, full): full scans, at[span - part, span): partial ones
+  int64_t *q_full = scratch, *k_full = scratch + span, *at_full = scratch + 2 * span;
+  int64_t *q_part = scratch + 3 * span, *k_part = scratch + 4 * span, *at_part = scratch + 5 * span;
+  int64_t full = 0, part = 0;
+  // Both groups written every query, one of them kept: no branch on which (it is taken at random).
   for (int64_t l = l0; l < l1; ++l) {
     if (pad != nullptr && pad[l]) continue;
-    const int64_t key = row.keys[l];
-    if (row.first || row.changed[key & kClusterMask]) {
-      q_full[full] = row.code[l];
-      at[full++] = l;
-    } else {
-      q_part[part] = row.code[l];
-      k_part[part] = key;
-      at[span - ++part] = l;
-    }
+    const int64_t key = row.keys[l], code = row.code[l];
+    const bool scan_all = row.first || row.changed[key & kClusterMask];
+    q_full[full] = code;
+    at_full[full] = l;
+    full += scan_all;
+    q_part[part] = code;
+    k_part[part] = key;
+    at_part[part] = l;
+    part += !scan_all;
   }
   std::fill(k_full, k_full + full, kNoKey);
   if (full > 0) scan(q_full, full, row.centroids, row.all_index, clusters, k_full);
   if (part > 0 && !row.changed_codes.empty())
     scan(q_part, part, row.changed_codes.data(), row.changed_index.data(),
          static_cast<int64_t>(row.changed_codes.size()), k_part);
-  for (int64_t i = 0; i < full; ++i) row.keys[at[i]] = k_full[i];
-  for (int64_t i = 0; i < part; ++i) row.keys[at[span - 1 - i]] = k_part[i];
+  for (int64_t i = 0; i < full; ++i) row.keys[at_full[i]] = k_full[i];
+  for (int64_t i = 0; i < part; ++i) row.keys[at_part[i]] = k_part[i];
 }
 
 // Commit the latest pass: move the queries that changed cluster in the counts; with `reseed`
@@ -183,11 +350,11 @@ void commit_row(Row& row, int64_t length, int64_t clusters, uint64_t keep, int32
     if (now == before) continue;
     const uint64_t h = static_cast<uint64_t>(row.code[l]);
     if (before >= 0) {
-      add_bits<int>(h, -1, ones + before * 64);
+      add_bits(h, -1, ones + before * 64);
       sizes[before] -= 1;
       touched[before] = 1;
     }
-    add_bits<int>(h, 1, ones + now * 64);
+    add_bits(h, 1, ones + now * 64);
     sizes[now] += 1;
     touched[now] = 1;
     row.assignment[l] = now;
@@ -296,7 +463,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_kmeans_cpu(const at::Tensor& codes_in
       std::vector<int32_t> ones(clusters * 64);
       std::vector<int64_t> sizes(clusters);
       std::vector<uint8_t> touched(clusters);
-      std::vector<int64_t> scratch(5 * length);
+      std::vector<int64_t> scratch(6 * length);
       for (int64_t r = begin; r < end; ++r) {
         std::fill(ones.begin(), ones.end(), 0);
         std::fill(sizes.begin(), sizes.end(), 0);
@@ -316,7 +483,7 @@ std::tuple<at::Tensor, at::Tensor> hamming_kmeans_cpu(const at::Tensor& codes_in
   std::vector<uint8_t> touched(clusters);
   for (int64_t it = 0; it <= iterations; ++it) {
     at::parallel_for(0, rows * length, grain_for(clusters), [&](int64_t begin, int64_t end) {
-      std::vector<int64_t> scratch(5 * std::min(length, end - begin));
+      std::vector<int64_t> scratch(6 * std::min(length, end - begin));
       while (begin < end) {
         const int64_t r = begin / length, l0 = begin % length;
         const int64_t l1 = std::min(length, l0 + (end - begin));

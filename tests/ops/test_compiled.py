@@ -85,6 +85,8 @@ def _kmeans_inputs(n, h, length, c, iterations, hash_bits, seed, pad_lengths=Non
         (2, 2, 40, 9, 7, 63, [40, 3], 3),  # fewer real queries than clusters, empty clusters
         (1, 1, 1, 1, 3, 63, None, None),  # one query
         (3, 1, 33, 33, 0, 63, None, None),  # C = L, no iteration
+        (1, 2, 1003, 300, 4, 63, None, None),  # AVX2 block scan: 3 chunks of centroids, a 32-query tail
+        (2, 1, 611, 140, 6, 9, [611, 200], None),  # few distinct codes: distance ties across chunks
     ],
 )
 def test_hamming_kmeans_identical_to_reference(n, h, length, c, iterations, hash_bits, pad_lengths, distinct):
@@ -802,12 +804,14 @@ for length, e, topk in ((300, 64, 32), (77, 19, 9), (150, 40, 57)):
                 assert err < (2e-5 if dtype == torch.float32 else 1e-12), (fn.__name__, dtype, err)
 # k-means alone, bit for bit: codes around a few centres (the passes after the first compare most
 # queries with the changed centroids only), random codes, a handful of distinct codes (clusters
-# empty out and are re-seeded), padding, and lengths that are not a multiple of the SIMD block.
+# empty out and are re-seeded), padding, lengths that are not a multiple of the SIMD block, and
+# more than 128 centroids (the AVX2 block scan's chunks, with distance ties across them).
 from fairseq_plugin.ops.hashing import draw_planes, lsh_hash, pack_bits
 from fairseq_plugin.ops.kmeans import draw_kmeans_seeds, kmeans_from_seeds
 for n, h, length, c, iterations, bits, kind in ((1, 4, 1024, 100, 10, 63, "centres"), (2, 3, 517, 37, 12, 20, "centres"),
                                                 (1, 2, 301, 50, 15, 63, "few"), (3, 1, 129, 16, 20, 8, "random"),
-                                                (1, 1, 7, 3, 4, 63, "random")):
+                                                (1, 1, 7, 3, 4, 63, "random"), (1, 1, 1100, 270, 5, 12, "random"),
+                                                (1, 2, 700, 140, 8, 63, "centres")):
     if kind == "centres":
         centres = torch.randn(h, 40, 64, generator=g)
         x = centres[:, torch.randint(0, 40, (length,), generator=g)] + 0.3 * torch.randn(h, length, 64, generator=g)
