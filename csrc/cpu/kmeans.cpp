@@ -143,7 +143,8 @@ FCA_TARGET_AVX2 NibbleLanes nibble_lanes_avx2() {
   return lanes;
 }
 
-// R transposed blocks (nib[r][16]) against the chunk's mc tables: best distance and ordinal per lane.
+// R transposed blocks (block r: nib[16 r .. 16 r + 15]) against the chunk's mc tables: best distance and
+// ordinal per lane, block r's in best_out / ord_out[32 r .. 32 r + 31].
 template <int R>
 FCA_TARGET_AVX2 __attribute__((noinline)) void nibble_blocks_avx2(const __m256i* nib, const __m128i* tables, int64_t mc,
                                                                   uint8_t* best_out, uint8_t* ord_out) {
@@ -275,7 +276,6 @@ FCA_TARGET_AVX2 void add_bits_avx2(uint64_t h, int32_t sign, int32_t* row) {
     _mm256_storeu_si256(p, _mm256_add_epi32(_mm256_loadu_si256(p), _mm256_and_si256(set, s)));
   }
 }
-
 #endif
 
 void add_bits(uint64_t h, int32_t sign, int32_t* row) {
