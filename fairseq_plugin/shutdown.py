@@ -25,8 +25,6 @@ __all__ = ["install", "stop_prefetch_threads"]
 
 STOP_SECONDS = 30.0  # an upper bound on collating one batch; past it, exit as fairseq would
 
-_installed = False
-
 
 def stop_prefetch_threads(timeout: float = STOP_SECONDS) -> int:
     """Stop every live fairseq prefetch thread of this process within ``timeout`` seconds.
@@ -58,7 +56,5 @@ def stop_prefetch_threads(timeout: float = STOP_SECONDS) -> int:
 
 def install() -> None:
     """Register :func:`stop_prefetch_threads` to run at interpreter exit (idempotent)."""
-    global _installed
-    if not _installed:
-        atexit.register(stop_prefetch_threads)
-        _installed = True
+    atexit.unregister(stop_prefetch_threads)  # at most one registration however often fairseq imports us
+    atexit.register(stop_prefetch_threads)
