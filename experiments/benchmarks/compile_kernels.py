@@ -12,13 +12,15 @@ configurations are the module-level ``CONFIGS`` lists of the files under fairseq
   ``--regAllocOptLevel=2``; 3.6: ``ptxas`` below sm_100, without it);
 * shared memory: ``metadata.shared`` (bytes);
 * tile: for configurations whose kernel multiplies tiles (``tile_products``), whether the PTX holds
-  tensor-core instructions: ``mma.sync`` (sm_80) / ``wgmma.mma_async`` (sm_90).
+  tensor-core instructions: ``mma.sync`` (sm_80) / ``wgmma.mma_async`` (sm_90);
+* ptx_required: instructions a configuration says its PTX must hold (``popc`` for the k-means
+  distance, which relies on LLVM recognising a popcount idiom) are checked, not printed.
 
 Arguments are compiled without the divisibility-by-16 hints the JIT adds for aligned pointers and
 sizes: the variant that runs on unaligned views (the aligned ones vectorise, and for the
 clustering kernels used no more registers). It fails (exit 1, one line per failure) on a compile
-error, a spill, shared memory over the arch's per-block limit, or an sm_90 tile product without
-wgmma. The table also goes to a CSV; the first line of the output names the triton that compiled
+error, a spill, shared memory over the arch's per-block limit, an sm_90 tile product without
+wgmma, or a missing required instruction. The table also goes to a CSV; the first line of the output names the triton that compiled
 it (PYTHONPATH=DIR runs another triton: tests/ops/test_triton_compat.py).
 
     python experiments/benchmarks/compile_kernels.py --arch sm_80,sm_90
@@ -141,6 +143,7 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
         problems.append(f"shared memory {shared} bytes > {SHARED_LIMIT[arch]}")
     if cfg.get("tile_products") and arch >= 90 and not has_tile:
         problems.append("tile product without wgmma")
+    problems += [f"no {op} in the PTX" for op in cfg.get("ptx_required", ()) if not re.search(rf"\b{re.escape(op)}\b", ptx)]
     if problems:
         row["status"] = "; ".join(problems)
     return row

@@ -182,6 +182,11 @@ def _kmeans_case(name: str, g: torch.Generator):
         pad = torch.zeros(n, length, dtype=torch.bool)
         pad[1, 61:] = True
         return codes, bits, c, it, pad
+    if name == "multi_block":  # L > BLOCK_L: three blocks of queries, the last partial; right and left padding
+        pad = torch.zeros(2, 700, dtype=torch.bool)
+        pad[0, 650:] = True
+        pad[1, :40] = True
+        return torch.randint(0, 2**12, (2, 1, 700), generator=g), 12, 6, 3, pad
     if name == "many_clusters":  # C > BLOCK_C: two centroid chunks
         codes = torch.randint(0, 2**20, (1, 2, 150), generator=g)
         return codes, 20, 70, 2, None
@@ -204,7 +209,7 @@ def _kmeans_case(name: str, g: torch.Generator):
     raise KeyError(name)
 
 
-KMEANS_CASES = ["plain", "many_clusters", "l_below_c", "empty_cluster", "skewed", "single", "one_bit",
+KMEANS_CASES = ["plain", "multi_block", "many_clusters", "l_below_c", "empty_cluster", "skewed", "single", "one_bit",
                 "high_bits_ignored"]
 
 
@@ -436,3 +441,6 @@ def test_bad_input_names_the_argument():
     with pytest.raises(ValueError, match="^init must be"):
         kmeans.hamming_kmeans(a, torch.zeros(1, 2, 2, dtype=torch.int64), torch.zeros(1, 1, 1, 2, dtype=torch.int64),
                               None, 4)
+    with pytest.raises(ValueError, match="^clusters must be below"):  # the cluster index is packed in 16 bits
+        kmeans.hamming_kmeans(a, torch.empty(1, 1, 1 << 16, dtype=torch.int64),
+                              torch.empty(0, 1, 1, 1 << 16, dtype=torch.int64), None, 4)

@@ -32,7 +32,9 @@ choose, so that the ahead-of-time compile check covers exactly what can run::
             "num_warps": 4,                          # optional (default 4)
             "num_stages": 3,                         # optional (default 3)
             "tile_products": False,                  # optional: True when the kernel uses tl.dot,
-        },                                           #   so sm_90 must show wgmma, sm_80 mma
+                                                     #   so sm_90 must show wgmma, sm_80 mma
+            "ptx_required": ("popc.b32",),           # optional: instructions the PTX must hold
+        },
         ...
     ]
 
