@@ -59,6 +59,7 @@ CLUSTERING = [
 ATTENTION = [
     "case_softmax_topk_ties_to_lowest_index",
     "case_softmax_topk_gradient_matches_reference",
+    "case_softmax_topk_threshold_and_chunk_merge_paths",
     "case_products_fp32_edges",  # sizes off the tiles, key and query padding
     "case_products_skewed_and_empty_cluster",
     "case_products_k1_and_k_equals_s",
