@@ -13,6 +13,10 @@ configurations are the module-level ``CONFIGS`` lists of the files under fairseq
 * shared memory: ``metadata.shared`` (bytes);
 * tile: for configurations whose kernel multiplies tiles (``tile_products``), whether the PTX holds
   tensor-core instructions: ``mma.sync`` (sm_80) / ``wgmma.mma_async`` (sm_90);
+* sass, loops: static SASS instructions of the kernel (``nvdisasm`` from the wheel), and of each
+  loop body (from a backward branch's target to the branch) in code order. Times a loop's trip
+  count and the warps, and over an SM's issue rate, they bound a kernel's time from below without
+  a GPU (docs/gpu.md);
 * ptx_required: instructions a configuration says its PTX must hold (``popc`` for the k-means
   distance, which relies on LLVM recognising a popcount idiom) are checked, not printed.
 
@@ -58,7 +62,7 @@ PACKAGE = "fairseq_plugin.ops.triton"
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}  # opt-in shared memory per block (A100, H100/H200)
 TILE_INSTRUCTION = {80: "mma.sync", 90: "wgmma.mma_async"}
 FIELDS = ["kernel", "arch", "types", "constexprs", "num_warps", "num_stages", "registers", "shared_bytes",
-          "spill_bytes", "tile", "status"]
+          "spill_bytes", "tile", "sass", "loops", "status"]
 
 
 def kernel_files() -> List[str]:
@@ -95,6 +99,30 @@ def _registers(cubin: bytes, function: str) -> int:
     return int(re.search(r"REG:(\d+)", block).group(1))
 
 
+def _sass_counts(cubin: bytes) -> Tuple[int, str]:
+    """(instructions, the instructions of each loop body joined by ";") of the cubin's kernel, from
+    nvdisasm: a loop runs from a label to a later branch back to it."""
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(cubin)
+        f.flush()
+        listing = subprocess.run([str(_tool("nvdisasm")), "-c", f.name], capture_output=True, text=True, check=True)
+    blocks: List[Tuple[str, int]] = [("", 0)]  # (label, instructions up to the next label)
+    back: List[Tuple[int, int]] = []  # (block index of the target label, block index of the branch)
+    where = {"": 0}
+    for line in listing.stdout.splitlines():
+        label = re.match(r"^\.(L_x_\d+):", line)
+        if label:
+            where[label.group(1)] = len(blocks)
+            blocks.append((label.group(1), 0))
+        elif re.match(r"\s+/\*[0-9a-f]{4,}\*/", line):
+            blocks[-1] = (blocks[-1][0], blocks[-1][1] + 1)
+            target = re.search(r"BRA\b.*`\(\.(L_x_\d+)\)", line)
+            if target and target.group(1) in where:  # a label seen already: a backward branch
+                back.append((where[target.group(1)], len(blocks) - 1))
+    loops = [sum(n for _, n in blocks[first : last + 1]) for first, last in back]
+    return sum(n for _, n in blocks), ";".join(map(str, loops))
+
+
 def _spills(ptxas_log: str, function: str) -> int:
     """Spill stores + loads (bytes) of ``function`` in the ``ptxas -v`` log that triton printed while
     compiling it (so the ptxas binary and flags are the installed triton's own, whatever its version)."""
@@ -119,7 +147,7 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
         "kernel": f"{name}.{fn.__name__}", "arch": f"sm_{arch}", "types": "/".join(types),
         "constexprs": " ".join(f"{k}={v}" for k, v in constexprs.items()),
         "num_warps": cfg.get("num_warps", 4), "num_stages": cfg.get("num_stages", 3),
-        "registers": "", "shared_bytes": "", "spill_bytes": "", "tile": "", "status": "ok",
+        "registers": "", "shared_bytes": "", "spill_bytes": "", "tile": "", "sass": "", "loops": "", "status": "ok",
     }
     try:
         options = {"num_warps": row["num_warps"], "num_stages": row["num_stages"]}
@@ -135,6 +163,7 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
     ptx = kernel.asm["ptx"]
     has_tile = TILE_INSTRUCTION[arch] in ptx
     row.update(registers=registers, shared_bytes=shared, spill_bytes=spills)
+    row["sass"], row["loops"] = _sass_counts(kernel.asm["cubin"])
     row["tile"] = ("mma" if arch < 90 else "wgmma") if has_tile else ("none" if cfg.get("tile_products") else "-")
     problems = []
     if spills:

@@ -41,3 +41,8 @@ def test_compile_kernels_sample(tmp_path):
     assert {row["arch"] for row in rows} == {"sm_80", "sm_90"}
     assert all(row["status"] == "ok" for row in rows)
     assert all(row["tile"] != "none" for row in rows if row["arch"] == "sm_90")
+    # static SASS sizes, which docs/gpu.md's estimates multiply by trip counts: every kernel has some,
+    # and the k-means assign pass has its distance loop and its per-chunk loop
+    assert all(int(row["sass"]) > 0 for row in rows)
+    assign = [row for row in rows if row["kernel"] == "kmeans._assign_kernel"]
+    assert assign and all(len(row["loops"].split(";")) >= 2 for row in assign), assign
