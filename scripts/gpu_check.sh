@@ -6,8 +6,9 @@
 #
 # Needs torch + triton + CUDA and this repository; no network, no fairseq. Runs, in order: the
 # environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
-# compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its own process,
-# compute-sanitizer memcheck/racecheck on tiny calls (where installed), and the attention benchmark.
+# compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its own process, the
+# centroid top-k's two paths (same outputs; each timed), compute-sanitizer memcheck/racecheck on tiny
+# calls (where installed), and the attention benchmark.
 # Every step runs even if an earlier one failed; each writes OUTDIR/<step>.log, and
 # OUTDIR/summary.txt lists PASS/FAIL per step. Exit status 1 if any step failed.
 
@@ -52,6 +53,7 @@ step kernel_tests 180 env FAIRSEQ_PLUGIN_TEST_DEVICE=cuda "$PY" -m pytest -q -p 
 step cuda_graph 90 "$PY" tests/ops/gpu_checks.py graph "$OUTDIR"
 step sync_debug 60 "$PY" tests/ops/gpu_checks.py sync "$OUTDIR"
 step nan_rows 60 env CUDA_LAUNCH_BLOCKING=1 "$PY" tests/ops/gpu_checks.py nan "$OUTDIR"
+step topk_paths 90 "$PY" tests/ops/gpu_checks.py topk "$OUTDIR"
 
 SANITIZER=$(command -v compute-sanitizer || ls /usr/local/cuda/bin/compute-sanitizer 2>/dev/null || true)
 if [ -n "$SANITIZER" ]; then

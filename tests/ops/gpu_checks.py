@@ -4,15 +4,20 @@
     python tests/ops/gpu_checks.py sync  OUT   # torch.cuda.set_sync_debug_mode("error") over fwd+bwd
     python tests/ops/gpu_checks.py nan   OUT   # NaN / inf inputs come out as NaN (run it in its own process)
     python tests/ops/gpu_checks.py tiny  OUT   # every op once on tiny shapes (under compute-sanitizer)
+    python tests/ops/gpu_checks.py topk  OUT   # the centroid top-k's two paths: same outputs, each timed
 
 Each prints one PASS/FAIL line per check, writes ``OUT/<check>.json`` and exits 1 on a failure.
 Needs CUDA and triton; no fairseq. The name does not match ``test_*.py``, so pytest on a CPU
-machine never collects it.
+machine never collects it. ``GPU_CHECKS_DEVICE=cpu`` with ``TRITON_INTERPRET=1
+FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` runs ``topk`` in Triton's interpreter at small sizes (a smoke test:
+tests/ops/test_gpu_checks.py).
 """
 
 from __future__ import annotations
 
 import json
+import os
+import statistics
 import sys
 import traceback
 from pathlib import Path
@@ -30,7 +35,7 @@ from fairseq_plugin.ops import (  # noqa: E402
     improved_clustered_attention,
 )
 
-DEV = "cuda"
+DEV = os.environ.get("GPU_CHECKS_DEVICE", "cuda")
 
 
 def _qkv(n, h, length, e, dtype, seed=0, requires_grad=True):
@@ -161,7 +166,54 @@ def check_tiny() -> Dict[str, object]:
     return {"dtypes": ["float16", "float32"]}
 
 
-CHECKS = {"graph": check_graph, "sync": check_sync, "nan": check_nan, "tiny": check_tiny}
+def check_topk() -> Dict[str, object]:
+    """The centroid softmax + top-k's two ways of choosing the top-k (fairseq_plugin/ops/triton/topk.py)
+    on centroid scores of random queries and keys, i-clustered's default shape (C = 100, k = 32, E = 64):
+    the threshold's candidates and the chunk merge must give identical outputs; the share of rows
+    on the threshold's path and the milliseconds of each (median of 20 calls) are recorded."""
+    from fairseq_plugin.ops.triton import topk
+
+    # heads, clusters, lengths, timed calls: the interpreter runs a program at a time
+    h, c, lengths, repeats = (8, 100, (4096, 16384), 20) if DEV == "cuda" else (1, 2, (200,), 0)
+    result = {}
+    for length in lengths:
+        for kind in ("iid", "low-rank keys"):
+            g = torch.Generator(DEV).manual_seed(length)
+            keys = torch.randn(1, h, length, 64, generator=g, device=DEV)
+            if kind == "low-rank keys":  # keys near an 8-dimensional subspace: peaked, correlated rows
+                basis = torch.randn(1, h, 8, 64, generator=g, device=DEV)
+                keys = torch.randn(1, h, length, 8, generator=g, device=DEV) @ basis + 0.1 * keys
+            centroids = 0.5 * torch.randn(1, h, c, 64, generator=g, device=DEV)
+            scores = (centroids @ keys.transpose(-1, -2) * 0.125).contiguous()
+            kpm = torch.zeros(1, length, dtype=torch.int8, device=DEV)
+            runs = {}
+            for threshold in (True, False):
+                outs = [torch.empty_like(scores), torch.empty(1, h, c, 32, dtype=torch.int32, device=DEV),
+                        torch.empty(1, h, c, 32, device=DEV), torch.empty(1, h, c, device=DEV)]
+                path = topk._launch(scores, kpm, *outs, threshold=threshold)
+                times = []
+                for _ in range(repeats):
+                    if DEV == "cuda":
+                        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                        start.record()
+                        topk._launch(scores, kpm, *outs, threshold=threshold)
+                        end.record()
+                        torch.cuda.synchronize()
+                        times.append(start.elapsed_time(end))
+                runs[threshold] = (outs, path, statistics.median(times) if times else None)
+            (fast, path, fast_ms), (merge, merge_path, merge_ms) = runs[True], runs[False]
+            assert int(merge_path.sum()) == 0, "threshold=False still took the threshold's path"
+            for name, a, b in zip(("rest_weights", "top", "top_weights", "mass"), fast, merge):
+                assert torch.equal(a, b), f"L={length} {kind}: {name} differs between the two paths"
+            result[f"L={length} {kind}"] = {"threshold_rows": float(path.float().mean()),
+                                            "threshold_ms": fast_ms, "merge_ms": merge_ms}
+            print(f"L={length:>6} {kind:>13}: {float(path.float().mean()):.0%} of rows on the threshold's path; "
+                  f"threshold {fast_ms} ms, merge {merge_ms} ms", flush=True)
+    return result
+
+
+CHECKS = {"graph": check_graph, "sync": check_sync, "nan": check_nan, "tiny": check_tiny, "topk": check_topk}
+CPU_CHECKS = ("topk",)  # the ones that run in Triton's interpreter (GPU_CHECKS_DEVICE=cpu)
 
 
 def main(argv) -> int:
@@ -170,10 +222,15 @@ def main(argv) -> int:
         return 2
     name, out = argv[0], Path(argv[1])
     out.mkdir(parents=True, exist_ok=True)
-    if not torch.cuda.is_available():
+    if DEV == "cuda" and not torch.cuda.is_available():
         print(f"FAIL {name}: CUDA is not available")
         return 1
-    record = {"check": name, "device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    if DEV != "cuda" and (name not in CPU_CHECKS or implementation(torch.zeros(1)) != "triton"):
+        print(f"FAIL {name}: GPU_CHECKS_DEVICE={DEV} runs {', '.join(CPU_CHECKS)} in Triton's interpreter only "
+              "(TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1)")
+        return 1
+    device = torch.cuda.get_device_name() if DEV == "cuda" else f"{DEV} (Triton's interpreter)"
+    record = {"check": name, "device": device, "torch": torch.__version__}
     try:
         record.update(CHECKS[name]())
         record["status"] = "PASS"

@@ -280,13 +280,18 @@ def softmax_topk(
     return rest_w, top, top_w, mass
 
 
-def _launch(scores: Tensor, kpm: Tensor, rest_w: Tensor, top: Tensor, top_w: Tensor, mass: Tensor) -> Tensor:
+def _launch(
+    scores: Tensor, kpm: Tensor, rest_w: Tensor, top: Tensor, top_w: Tensor, mass: Tensor,
+    threshold: Optional[bool] = None,
+) -> Tensor:
     """Run the kernel on contiguous inputs and outputs; returns which path each row took (1: the
-    threshold's candidates, 0: the chunk merge), (N, H, C) int8."""
+    threshold's candidates, 0: the chunk merge), (N, H, C) int8. ``threshold=False`` forces the
+    chunk merge everywhere (tests/ops/gpu_checks.py compares and times the two)."""
     n, h, c, s = scores.shape
     topk = top.shape[-1]
     block_s, block_k = _blocks(topk, _interpreted())
-    threshold, cap = _threshold(block_k)
+    default, cap = _threshold(block_k)
+    threshold = default if threshold is None else threshold and default
     cand = torch.empty(n * h * c, cap if threshold else 1, dtype=torch.int64, device=scores.device)
     path = torch.empty(n, h, c, dtype=torch.int8, device=scores.device)
     _softmax_topk_kernel[(n * h * c,)](
