@@ -206,9 +206,10 @@ def _num_warps(block_s: int) -> int:
 
 
 def _threshold(block_k: int) -> Tuple[bool, int]:
-    """(THRESHOLD, CAP): the candidates' path for k <= 128, with room for 4x k candidates (the
-    threshold kept 32-40 keys for k = 32 and 130-210 for k = 128 in simulations of 16k keys, iid and
-    local); at k = 512 a chunk of 512 lanes bounds nothing, so the chunk merge only."""
+    """(THRESHOLD, CAP): the candidates' path for k <= 128, with room for 4·BLOCK_K candidates (the
+    bound kept 32-40 keys for k = 32 and 130-210 for k = 128 in simulations of 16k keys, iid and
+    local). Above 128 (BLOCK_K = 512, 512 lanes) the k-th lane maximum bounds little and 4·BLOCK_K
+    keys would be a large sort: the chunk merge only."""
     return (True, 4 * block_k) if block_k <= 128 else (False, block_k)
 
 
