@@ -202,24 +202,19 @@ def case_softmax_topk_threshold_and_chunk_merge_paths():
     s, kk = 150, 10  # 3 chunks of 64 lanes under the interpreter; CAP = 64 candidates
     scores = torch.randn(1, 1, 6, s, generator=_gen(3)) * 2
     scores[0, 0, 3:5] = 0.5  # all equal
-    kpm = torch.zeros(1, s, dtype=torch.bool)
-    scores, kpm = scores.to(DEVICE), kpm.to(DEVICE)
-    padded_row = scores.new_zeros(1, 1, 1, s)
-    outs = [torch.empty(1, 1, 6, s, device=DEVICE), torch.empty(1, 1, 6, kk, dtype=torch.int32, device=DEVICE),
-            torch.empty(1, 1, 6, kk, device=DEVICE), torch.empty(1, 1, 6, device=DEVICE)]
-    path = topk._launch(scores.contiguous(), kpm.to(torch.int8), *outs)
+    kpm = torch.zeros(1, s, dtype=torch.int8, device=DEVICE)
+    _, top, _, _, path = topk._launch(scores.to(DEVICE).contiguous(), kpm, kk)
     assert path.flatten().tolist() == [1, 1, 1, 0, 0, 1], path.flatten().tolist()
-    for row, got in zip(scores.reshape(-1, s).cpu(), outs[1].reshape(-1, kk).cpu()):
+    for row, got in zip(scores.reshape(-1, s), top.reshape(-1, kk).cpu()):
         assert got.tolist() == sorted(range(s), key=lambda t: (-row[t].item(), t))[:kk]
     # 4 real keys for k = 10: the chunk merge, the real keys first, then padded ones
-    kpm2 = torch.ones(1, s, dtype=torch.bool)
-    kpm2[0, [7, 60, 100, 149]] = False
-    outs2 = [torch.empty(1, 1, 1, s, device=DEVICE), torch.empty(1, 1, 1, kk, dtype=torch.int32, device=DEVICE),
-             torch.empty(1, 1, 1, kk, device=DEVICE), torch.empty(1, 1, 1, device=DEVICE)]
-    padded_row[..., [7, 60, 100, 149]] = torch.tensor([1.0, 3.0, 2.0, 0.0], device=DEVICE)
-    path2 = topk._launch(padded_row.contiguous(), kpm2.to(DEVICE).to(torch.int8), *outs2)
+    kpm2 = torch.ones(1, s, dtype=torch.int8)
+    kpm2[0, [7, 60, 100, 149]] = 0
+    padded_row = torch.zeros(1, 1, 1, s)
+    padded_row[..., [7, 60, 100, 149]] = torch.tensor([1.0, 3.0, 2.0, 0.0])
+    _, top2, _, _, path2 = topk._launch(padded_row.to(DEVICE), kpm2.to(DEVICE), kk)
     assert path2.item() == 0
-    assert outs2[1][0, 0, 0, :4].tolist() == [60, 100, 7, 149] and len(set(outs2[1].flatten().tolist())) == kk
+    assert top2[0, 0, 0, :4].tolist() == [60, 100, 7, 149] and len(set(top2.flatten().tolist())) == kk
 
 
 def case_softmax_topk_gradient_matches_reference():

@@ -264,42 +264,37 @@ def softmax_topk(
 ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     """(rest_weights (N,H,C,S) fp32, top (N,H,C,k) int32, top_weights (N,H,C,k) fp32, mass (N,H,C) fp32)."""
     check_inputs(scores, key_padding_mask, topk)
+    if key_padding_mask is None:
+        kpm = torch.zeros(scores.shape[0], scores.shape[3], dtype=torch.int8, device=scores.device)
+    else:
+        kpm = key_padding_mask.to(torch.int8).contiguous()
+    return _launch(scores.contiguous(), kpm, topk)[:4]
+
+
+def _launch(
+    scores: Tensor, kpm: Tensor, topk: int, threshold: Optional[bool] = None
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """The kernel on contiguous scores (N, H, C, S) fp32 and kpm (N, S) int8: softmax_topk's four
+    outputs and ``path`` (N, H, C) int8, which way each row went (1: the threshold's candidates,
+    0: the chunk merge). ``threshold=False`` forces the chunk merge everywhere (tests/ops/gpu_checks.py
+    compares and times the two)."""
     n, h, c, s = scores.shape
-    scores = scores.contiguous()
     rest_w = torch.empty_like(scores)
     top = torch.empty(n, h, c, topk, dtype=torch.int32, device=scores.device)
     top_w = torch.empty(n, h, c, topk, dtype=torch.float32, device=scores.device)
     mass = torch.empty(n, h, c, dtype=torch.float32, device=scores.device)
-    rows = n * h * c
-    if rows == 0:
-        return rest_w, top, top_w, mass
-    if key_padding_mask is None:
-        kpm = torch.zeros(n, s, dtype=torch.int8, device=scores.device)
-    else:
-        kpm = key_padding_mask.to(torch.int8).contiguous()
-    _launch(scores, kpm, rest_w, top, top_w, mass)
-    return rest_w, top, top_w, mass
-
-
-def _launch(
-    scores: Tensor, kpm: Tensor, rest_w: Tensor, top: Tensor, top_w: Tensor, mass: Tensor,
-    threshold: Optional[bool] = None,
-) -> Tensor:
-    """Run the kernel on contiguous inputs and outputs; returns which path each row took (1: the
-    threshold's candidates, 0: the chunk merge), (N, H, C) int8. ``threshold=False`` forces the
-    chunk merge everywhere (tests/ops/gpu_checks.py compares and times the two)."""
-    n, h, c, s = scores.shape
-    topk = top.shape[-1]
+    path = torch.empty(n, h, c, dtype=torch.int8, device=scores.device)
+    if n * h * c == 0:
+        return rest_w, top, top_w, mass, path
     block_s, block_k = _blocks(topk, _interpreted())
     default, cap = _threshold(block_k)
     threshold = default if threshold is None else threshold and default
     cand = torch.empty(n * h * c, cap if threshold else 1, dtype=torch.int64, device=scores.device)
-    path = torch.empty(n, h, c, dtype=torch.int8, device=scores.device)
     _softmax_topk_kernel[(n * h * c,)](
         scores, kpm, rest_w, top, top_w, mass, cand, path, s, topk, h * c,
         BLOCK_S=block_s, BLOCK_K=block_k, THRESHOLD=threshold, CAP=cap, num_warps=_num_warps(block_s),
     )
-    return path
+    return rest_w, top, top_w, mass, path
 
 
 @softmax_topk.register_fake
