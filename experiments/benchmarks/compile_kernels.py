@@ -88,24 +88,18 @@ def _tool(name: str) -> Path:
     return Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name
 
 
-def _registers(cubin: bytes, function: str) -> int:
-    """``REG`` of ``function`` in a cubin, from cuobjdump."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        dump = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", f.name], capture_output=True,
-                              text=True, check=True)
+def _registers(cubin: str, function: str) -> int:
+    """``REG`` of ``function`` in the cubin file, from cuobjdump."""
+    dump = subprocess.run([str(_tool("cuobjdump")), "--dump-resource-usage", cubin], capture_output=True,
+                          text=True, check=True)
     block = dump.stdout.split(f"Function {function}:", 1)[1].split("Function", 1)[0]
     return int(re.search(r"REG:(\d+)", block).group(1))
 
 
-def _sass_counts(cubin: bytes) -> Tuple[int, str]:
-    """(instructions, the instructions of each loop body joined by ";") of the cubin's kernel, from
-    nvdisasm: a loop runs from a label to a later branch back to it."""
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
-        listing = subprocess.run([str(_tool("nvdisasm")), "-c", f.name], capture_output=True, text=True, check=True)
+def _sass_counts(cubin: str) -> Tuple[int, str]:
+    """(instructions, the instructions of each loop body joined by ";") of the cubin file's kernel,
+    from nvdisasm: a loop runs from a label to a later branch back to it."""
+    listing = subprocess.run([str(_tool("nvdisasm")), "-c", cubin], capture_output=True, text=True, check=True)
     blocks: List[Tuple[str, int]] = [("", 0)]  # (label, instructions up to the next label)
     back: List[Tuple[int, int]] = []  # (block index of the target label, block index of the branch)
     where = {"": 0}
@@ -158,12 +152,16 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
         row["status"] = "compile error: " + " ".join(str(err).split())[:300]
         return row
     function = kernel.metadata.name
-    registers, spills = _registers(kernel.asm["cubin"], function), _spills(ptxas_log.getvalue(), function)
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as cubin:  # for cuobjdump and nvdisasm
+        cubin.write(kernel.asm["cubin"])
+        cubin.flush()
+        registers = _registers(cubin.name, function)
+        row["sass"], row["loops"] = _sass_counts(cubin.name)
+    spills = _spills(ptxas_log.getvalue(), function)
     shared = int(kernel.metadata.shared)
     ptx = kernel.asm["ptx"]
     has_tile = TILE_INSTRUCTION[arch] in ptx
     row.update(registers=registers, shared_bytes=shared, spill_bytes=spills)
-    row["sass"], row["loops"] = _sass_counts(kernel.asm["cubin"])
     row["tile"] = ("mma" if arch < 90 else "wgmma") if has_tile else ("none" if cfg.get("tile_products") else "-")
     problems = []
     if spills:
