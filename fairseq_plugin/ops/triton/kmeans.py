@@ -152,6 +152,13 @@ def _update_kernel(
 
 
 @triton.jit
+def _order_keys(assign_ptr, nh, rows, L, C):
+    """The clusters of queries ``rows`` as sort keys: padding (and rows past L) as cluster C, last."""
+    a = tl.load(assign_ptr + nh * L + rows, mask=rows < L, other=-1)
+    return tl.where(a < 0, C, a).to(tl.int32)
+
+
+@triton.jit
 def _order_kernel(
     assign_ptr,  # (NH, L) int64, -1 = padded
     base_ptr,  # (NH, n_blocks, C + 1) int32 first slot of each (block, cluster)
@@ -169,14 +176,12 @@ def _order_kernel(
     for s in tl.static_range(BLOCK_L // SUB_L):
         rows = blk * BLOCK_L + s * SUB_L + j
         in_range = rows < L
-        a = tl.load(assign_ptr + nh * L + rows, mask=in_range, other=-1)
-        key = tl.where(a < 0, C, a).to(tl.int32)  # padding sorts last, as cluster C
+        key = _order_keys(assign_ptr, nh, rows, L, C)
         same = (key[None, :] == key[:, None]) & (j[None, :] < j[:, None]) & in_range[None, :]  # (SUB_L, SUB_L)
         rank = tl.sum(same.to(tl.int32), axis=1)
         for t in tl.static_range(s):
             rows_t = blk * BLOCK_L + t * SUB_L + j
-            a_t = tl.load(assign_ptr + nh * L + rows_t, mask=rows_t < L, other=-1)
-            key_t = tl.where(a_t < 0, C, a_t).to(tl.int32)
+            key_t = _order_keys(assign_ptr, nh, rows_t, L, C)
             rank += tl.sum(((key_t[None, :] == key[:, None]) & (rows_t < L)[None, :]).to(tl.int32), axis=1)
         base = tl.load(base_ptr + (nh * n_blocks + blk) * (C + 1) + key, mask=in_range, other=0)
         tl.store(order_ptr + nh * L + base + rank, rows.to(tl.int32), mask=in_range)
