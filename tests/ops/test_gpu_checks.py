@@ -16,12 +16,16 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
-def test_topk_check_runs_in_the_interpreter(tmp_path):
+def _run_in_interpreter(check: str, out: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, GPU_CHECKS_DEVICE="cpu", TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1",
                OMP_NUM_THREADS="1")
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "ops" / "gpu_checks.py"), "topk", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    return subprocess.run([sys.executable, str(ROOT / "tests" / "ops" / "gpu_checks.py"), check, str(out)],
+                          env=env, capture_output=True, text=True, timeout=300, cwd=out)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_topk_check_runs_in_the_interpreter(tmp_path):
+    run = _run_in_interpreter("topk", tmp_path)
     assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
     record = json.loads((tmp_path / "topk.json").read_text())
     assert record["status"] == "PASS" and "interpreter" in record["device"]
@@ -30,7 +34,5 @@ def test_topk_check_runs_in_the_interpreter(tmp_path):
 
 
 def test_interpreter_refuses_the_cuda_only_checks(tmp_path):
-    env = dict(os.environ, GPU_CHECKS_DEVICE="cpu", TRITON_INTERPRET="1", FAIRSEQ_PLUGIN_TRITON_ON_CPU="1")
-    run = subprocess.run([sys.executable, str(ROOT / "tests" / "ops" / "gpu_checks.py"), "graph", str(tmp_path)],
-                         env=env, capture_output=True, text=True, timeout=300)
+    run = _run_in_interpreter("graph", tmp_path)
     assert run.returncode == 1 and "runs topk in Triton's interpreter only" in run.stdout
