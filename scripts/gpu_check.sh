@@ -2,7 +2,9 @@
 # The GPU acceptance check (issue 10, deliverable 5), for the day a GPU is lent:
 #
 #   bash scripts/gpu_check.sh OUTDIR        # from the repository root; OUTDIR defaults to $OUT
-#   PYTHON=/path/to/python bash scripts/gpu_check.sh OUTDIR   # another interpreter than `python`
+#   PYTHON=/path/to/python bash scripts/gpu_check.sh OUTDIR   # another interpreter than `python3`
+#
+# `python3` first: the GPU machines' image has torch under python3 and may have no `python`.
 #
 # Needs torch + triton + CUDA and this repository; no network, no fairseq. Runs, in order: the
 # environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
@@ -17,7 +19,7 @@ OUTDIR=${1:-${OUT:?give the output folder as \$1 or \$OUT}}
 mkdir -p "$OUTDIR"
 OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET FAIRSEQ_PLUGIN_TRITON_ON_CPU
 : > "$OUTDIR/summary.txt"
