@@ -81,5 +81,6 @@ setup(
     entry_points={"console_scripts": ["fairseq-sweep = slurm.cli:main"]},
     # triton: the GPU kernels (a CUDA torch brings it); the tests run them in its interpreter.
     # mypy: tests/slurm/test_typing.py type-checks the launcher.
-    extras_require={"test": ["pytest>=8", "triton>=3.6", "mypy>=1.10"]},
+    # pytest-xdist: the README's test command runs the suite on two workers, a test file to each.
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "triton>=3.6", "mypy>=1.10"]},
 )

@@ -52,7 +52,7 @@ def test_requirements_are_ranges_and_the_pins_lie_inside_them(tmp_path):
     pinned = pins()
     reqs = requirements(tmp_path)
     names = {canonicalize_name(r.name) for r in reqs}
-    assert {"torch", "numpy", "submitit", "pytest", "triton"} <= names, names
+    assert {"torch", "numpy", "submitit", "pytest", "pytest-xdist", "triton"} <= names, names
     for req in reqs:
         name = canonicalize_name(req.name)
         assert not any(s.operator in ("==", "===") for s in req.specifier), f"{req} pins a version exactly"
