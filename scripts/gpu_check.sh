@@ -4,15 +4,24 @@
 #   bash scripts/gpu_check.sh OUTDIR        # from the repository root; OUTDIR defaults to $OUT
 #   PYTHON=/path/to/python bash scripts/gpu_check.sh OUTDIR   # another interpreter than `python3`
 #
+#   # on the lent machine, in one call with timeout_s=600 (the device tool brings back at most 8
+#   # files from $OUT, so the ~20 logs travel as one archive, refreshed after every step):
+#   BUDGET_S=540 ARCHIVE=$OUT/gpu_check.tar.gz bash scripts/gpu_check.sh /tmp/gpu_check
+#
 # `python3` first: the GPU machines' image has torch under python3 and may have no `python`.
+# BUDGET_S (optional): seconds for the whole run; each step's limit shrinks to what is left, and a
+# step with under 15 s left is recorded as SKIPPED, so that the run ends (and is archived) before
+# the caller's own time limit. ARCHIVE (optional): a .tar.gz of OUTDIR, rewritten after each step.
 #
 # Needs torch + triton + CUDA and this repository; no network, no fairseq. Runs, in order: the
 # environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
 # compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its own process, the
 # centroid top-k's two paths (same outputs; each timed), compute-sanitizer memcheck/racecheck on tiny
-# calls (where installed), and the attention benchmark.
+# calls (where installed), the attention benchmark at issue 10's target shape (bf16, H=8, 1k-32k,
+# against SDPA flash and cuDNN), then the full CUDA benchmark grid with the time left.
 # Every step runs even if an earlier one failed; each writes OUTDIR/<step>.log, and
-# OUTDIR/summary.txt lists PASS/FAIL per step. Exit status 1 if any step failed.
+# OUTDIR/summary.txt lists PASS/FAIL/SKIPPED per step. Exit status 1 if any step failed or was
+# skipped for BUDGET_S, 2 on a bad BUDGET_S or ARCHIVE.
 
 set -u
 OUTDIR=${1:-${OUT:?give the output folder as \$1 or \$OUT}}
@@ -22,13 +31,36 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-$(command -v python3 || command -v python || echo python3)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET FAIRSEQ_PLUGIN_TRITON_ON_CPU
+BUDGET_S=${BUDGET_S:-}
+ARCHIVE=${ARCHIVE:-}
+[ -z "$BUDGET_S" ] || [ "$BUDGET_S" -gt 0 ] 2>/dev/null || { echo "error: BUDGET_S must be a positive number of seconds, got '$BUDGET_S'" >&2; exit 2; }
+if [ -n "$ARCHIVE" ]; then
+    mkdir -p "$(dirname "$ARCHIVE")" && ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
+    case "$ARCHIVE/" in "$OUTDIR"/*) echo "error: ARCHIVE ($ARCHIVE) must lie outside OUTDIR ($OUTDIR)" >&2; exit 2 ;; esac
+fi
 : > "$OUTDIR/summary.txt"
 failed=0
 
-# step NAME SECONDS COMMAND...: run with a time limit, log to OUTDIR/NAME.log, record PASS/FAIL.
+# archive: OUTDIR as ARCHIVE (written aside, then moved, so a kill mid-write leaves the last one).
+archive() {
+    [ -n "$ARCHIVE" ] || return 0
+    tar -czf "$ARCHIVE.tmp" -C "$(dirname "$OUTDIR")" "$(basename "$OUTDIR")" && mv -f "$ARCHIVE.tmp" "$ARCHIVE"
+}
+
+# step NAME SECONDS COMMAND...: run with a time limit (cut to BUDGET_S's remainder), log to
+# OUTDIR/NAME.log, record PASS/FAIL/SKIPPED, refresh ARCHIVE.
 step() {
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    if [ -n "$BUDGET_S" ]; then
+        local left=$((BUDGET_S - SECONDS - 25))  # 20 s for timeout's --kill-after, 5 s to archive
+        if [ "$left" -lt 15 ]; then
+            echo "$name: SKIPPED (BUDGET_S=$BUDGET_S spent)" | tee -a "$OUTDIR/summary.txt"
+            failed=1  # a check that did not run has not passed
+            return
+        fi
+        [ "$left" -ge "$limit" ] || limit=$left
+    fi
     echo "== $name: $*"
     timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUTDIR/$name.log" 2>&1
     local rc=$?
@@ -36,6 +68,7 @@ step() {
     [ $rc -eq 0 ] || { verdict="FAIL (exit $rc$([ $rc -eq 124 ] && echo ", timed out after ${limit}s"))"; failed=1; }
     echo "$name: $verdict, $((SECONDS - start)) s" | tee -a "$OUTDIR/summary.txt"
     tail -n 3 "$OUTDIR/$name.log"
+    archive
 }
 
 step environment 60 bash -c "nvidia-smi || echo nvidia-smi not found; git rev-parse HEAD || true; $PY - <<'EOF'
@@ -68,8 +101,12 @@ else
     echo "sanitizer: SKIPPED (compute-sanitizer not found)" | tee -a "$OUTDIR/summary.txt"
 fi
 
+# issue 10's targets first (bf16, N=1, H=8, E=64, C=100, k=32): break-even by 4k, 16k and 32k
+step benchmark_targets 240 "$PY" experiments/benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 \
+    --lengths 1024 4096 16384 32768 --impls sdpa sdpa-cudnn clustered i-clustered --out "$OUTDIR/attention-targets.csv"
 step benchmark 300 "$PY" experiments/benchmarks/attention.py --device cuda --out "$OUTDIR/attention.csv"
 
-echo "== summary ($OUTDIR)"
+echo "== summary ($OUTDIR${ARCHIVE:+, archived as $ARCHIVE})"
 cat "$OUTDIR/summary.txt"
+archive
 exit $failed

@@ -1,6 +1,7 @@
-"""tests/ops/gpu_checks.py's ``topk`` check runs in Triton's interpreter (GPU_CHECKS_DEVICE=cpu), so
-that the GPU acceptance script's newest step cannot fail on a GPU day for a reason a CPU could have
-shown. About 10 s; the other checks need CUDA (graphs, sync-debug mode, the sanitizer)."""
+"""The GPU acceptance run, checked without a GPU, so that it cannot fail on a GPU day for a reason a
+CPU could have shown: tests/ops/gpu_checks.py's ``topk`` check in Triton's interpreter
+(GPU_CHECKS_DEVICE=cpu; about 10 s; the other checks need CUDA: graphs, sync-debug mode, the
+sanitizer), and scripts/gpu_check.sh's time budget, archive and argument errors (about 10 s)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,40 @@ def test_topk_check_runs_in_the_interpreter(tmp_path):
 def test_interpreter_refuses_the_cuda_only_checks(tmp_path):
     run = _run_in_interpreter("graph", tmp_path)
     assert run.returncode == 1 and "runs topk in Triton's interpreter only" in run.stdout
+
+
+def _gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", str(ROOT / "scripts" / "gpu_check.sh"), str(out)], capture_output=True, text=True,
+                          timeout=120, cwd=out.parent, env=dict(os.environ, PYTHON=sys.executable, **env))
+
+
+def test_gpu_check_script_keeps_to_its_budget_and_archives_what_ran(tmp_path):
+    """The acceptance script's bookkeeping, here where every CUDA step fails at once: with BUDGET_S=42
+    the environment step runs (and fails: no CUDA), the steps the budget cannot hold are recorded
+    as SKIPPED and fail the run, and ARCHIVE holds OUTDIR as it stood at the end (the device tool
+    brings back 8 files at most, the script writes about 20). About 5-15 s."""
+    import tarfile
+
+    archive = tmp_path / "back" / "gpu_check.tar.gz"
+    run = _gpu_check(tmp_path / "out", BUDGET_S="42", ARCHIVE=str(archive))
+    assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    names = [line.split(":")[0] for line in lines]
+    assert names[:2] == ["environment", "kernel_tests"] and names[-2:] == ["benchmark_targets", "benchmark"], lines
+    assert lines[0].startswith("environment: FAIL (exit 1)"), lines
+    assert all(line.endswith("SKIPPED (BUDGET_S=42 spent)") for line in lines[-2:]), lines
+    with tarfile.open(archive) as tar:
+        members = set(tar.getnames())
+    assert {"out/summary.txt", "out/environment.log"} <= members, members
+    assert not archive.with_name(archive.name + ".tmp").exists()
+
+
+@pytest.mark.parametrize("env, words", [
+    ({"BUDGET_S": "ten"}, "BUDGET_S must be a positive number of seconds, got 'ten'"),
+    ({"ARCHIVE": "{out}/inside.tar.gz"}, "must lie outside OUTDIR"),
+])  # fmt: skip
+def test_gpu_check_script_refuses_a_bad_budget_or_archive(tmp_path, env, words):
+    out = tmp_path / "out"
+    run = _gpu_check(out, **{key: value.format(out=out) for key, value in env.items()})
+    assert run.returncode == 2 and words in run.stderr, run.stderr
+    assert not (out / "summary.txt").exists()  # refused before anything ran
