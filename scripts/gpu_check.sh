@@ -18,7 +18,8 @@
 # compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its own process, the
 # centroid top-k's two paths (same outputs; each timed), compute-sanitizer memcheck/racecheck on tiny
 # calls (where installed), the attention benchmark at issue 10's target shape (bf16, H=8, 1k-32k,
-# against SDPA flash and cuDNN), then the full CUDA benchmark grid with the time left.
+# against SDPA flash and cuDNN), one cluster holding half the queries at 16k, then the full CUDA
+# benchmark grid with the time left.
 # Every step runs even if an earlier one failed; each writes OUTDIR/<step>.log, and
 # OUTDIR/summary.txt lists PASS/FAIL/SKIPPED per step. Exit status 1 if any step failed or was
 # skipped for BUDGET_S, 2 on a bad BUDGET_S or ARCHIVE.
@@ -33,10 +34,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET FAIRSEQ_PLUGIN_TRITON_ON_CPU
 BUDGET_S=${BUDGET_S:-}
 ARCHIVE=${ARCHIVE:-}
-[ -z "$BUDGET_S" ] || [ "$BUDGET_S" -gt 0 ] 2>/dev/null || { echo "error: BUDGET_S must be a positive number of seconds, got '$BUDGET_S'" >&2; exit 2; }
+if [ -n "$BUDGET_S" ] && ! [ "$BUDGET_S" -gt 0 ] 2>/dev/null; then
+    echo "error: BUDGET_S must be a positive number of seconds, got '$BUDGET_S'" >&2
+    exit 2
+fi
 if [ -n "$ARCHIVE" ]; then
     mkdir -p "$(dirname "$ARCHIVE")" && ARCHIVE=$(cd "$(dirname "$ARCHIVE")" && pwd)/$(basename "$ARCHIVE")
-    case "$ARCHIVE/" in "$OUTDIR"/*) echo "error: ARCHIVE ($ARCHIVE) must lie outside OUTDIR ($OUTDIR)" >&2; exit 2 ;; esac
+    case "$ARCHIVE/" in
+        "$OUTDIR"/*) echo "error: ARCHIVE ($ARCHIVE) must lie outside OUTDIR ($OUTDIR)" >&2; exit 2 ;;
+    esac
 fi
 : > "$OUTDIR/summary.txt"
 failed=0
@@ -104,6 +110,9 @@ fi
 # issue 10's targets first (bf16, N=1, H=8, E=64, C=100, k=32): break-even by 4k, 16k and 32k
 step benchmark_targets 240 "$PY" experiments/benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 \
     --lengths 1024 4096 16384 32768 --impls sdpa sdpa-cudnn clustered i-clustered --out "$OUTDIR/attention-targets.csv"
+# one cluster holding half the queries: the top-k attention's (cluster, 64-query) tiles should not care
+step benchmark_skew 90 "$PY" experiments/benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 \
+    --lengths 16384 --skew 0.5 --impls sdpa clustered i-clustered --out "$OUTDIR/attention-skew.csv"
 step benchmark 300 "$PY" experiments/benchmarks/attention.py --device cuda --out "$OUTDIR/attention.csv"
 
 echo "== summary ($OUTDIR${ARCHIVE:+, archived as $ARCHIVE})"
