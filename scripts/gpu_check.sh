@@ -12,6 +12,8 @@
 # BUDGET_S (optional): seconds for the whole run; each step's limit shrinks to what is left, and a
 # step with under 15 s left is recorded as SKIPPED, so that the run ends (and is archived) before
 # the caller's own time limit. ARCHIVE (optional): a .tar.gz of OUTDIR, rewritten after each step.
+# ONLY (optional): the steps to run, by name (e.g. ONLY="benchmark_targets benchmark_skew" for a
+# rerun of what a first call did not finish); the others are left out of the summary.
 #
 # Needs torch + triton + CUDA and this repository; no network, no fairseq. Runs, in order: the
 # environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
@@ -34,6 +36,15 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 unset TRITON_INTERPRET FAIRSEQ_PLUGIN_TRITON_ON_CPU
 BUDGET_S=${BUDGET_S:-}
 ARCHIVE=${ARCHIVE:-}
+ONLY=${ONLY:-}
+STEPS="environment kernel_tests cuda_graph sync_debug nan_rows topk_paths sanitizer_memcheck sanitizer_racecheck
+benchmark_targets benchmark_skew benchmark"
+for name in $ONLY; do
+    case " $(echo $STEPS) " in
+        *" $name "*) ;;
+        *) echo "error: ONLY names an unknown step '$name'; the steps: $(echo $STEPS)" >&2; exit 2 ;;
+    esac
+done
 if [ -n "$BUDGET_S" ] && ! [ "$BUDGET_S" -gt 0 ] 2>/dev/null; then
     echo "error: BUDGET_S must be a positive number of seconds, got '$BUDGET_S'" >&2
     exit 2
@@ -58,6 +69,7 @@ archive() {
 step() {
     local name=$1 limit=$2 start=$SECONDS
     shift 2
+    case " $ONLY " in "  ") ;; *" $name "*) ;; *) return ;; esac
     if [ -n "$BUDGET_S" ]; then
         local left=$((BUDGET_S - SECONDS - 25))  # 20 s for timeout's --kill-after, 5 s to archive
         if [ "$left" -lt 15 ]; then
@@ -104,7 +116,9 @@ if [ -n "$SANITIZER" ]; then
             --error-exitcode 1 "$PY" tests/ops/gpu_checks.py tiny "$OUTDIR"
     done
 else
-    echo "sanitizer: SKIPPED (compute-sanitizer not found)" | tee -a "$OUTDIR/summary.txt"
+    case " $ONLY " in
+        "  " | *" sanitizer_"*) echo "sanitizer: SKIPPED (compute-sanitizer not found)" >> "$OUTDIR/summary.txt" ;;
+    esac
 fi
 
 # issue 10's targets first (bf16, N=1, H=8, E=64, C=100, k=32): break-even by 4k, 16k and 32k

@@ -69,9 +69,18 @@ def test_gpu_check_script_keeps_to_its_budget_and_archives_what_ran(tmp_path):
 @pytest.mark.parametrize("env, words", [
     ({"BUDGET_S": "ten"}, "BUDGET_S must be a positive number of seconds, got 'ten'"),
     ({"ARCHIVE": "{out}/inside.tar.gz"}, "must lie outside OUTDIR"),
+    ({"ONLY": "environment benchmarks"}, "ONLY names an unknown step 'benchmarks'; the steps: environment"),
 ])  # fmt: skip
 def test_gpu_check_script_refuses_a_bad_budget_or_archive(tmp_path, env, words):
     out = tmp_path / "out"
     run = _gpu_check(out, **{key: value.format(out=out) for key, value in env.items()})
     assert run.returncode == 2 and words in run.stderr, run.stderr
     assert not (out / "summary.txt").exists()  # refused before anything ran
+
+
+def test_gpu_check_script_runs_only_the_steps_named(tmp_path):
+    """ONLY: the rerun of a first call's unfinished steps runs those alone (here: no CUDA, so it fails)."""
+    run = _gpu_check(tmp_path / "out", ONLY="environment")
+    assert run.returncode == 1, run.stderr[-2000:]
+    lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("environment: FAIL (exit 1)"), lines
