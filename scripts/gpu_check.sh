@@ -24,7 +24,7 @@
 # benchmark grid with the time left.
 # Every step runs even if an earlier one failed; each writes OUTDIR/<step>.log, and
 # OUTDIR/summary.txt lists PASS/FAIL/SKIPPED per step. Exit status 1 if any step failed or was
-# skipped for BUDGET_S, 2 on a bad BUDGET_S or ARCHIVE.
+# skipped for BUDGET_S, 2 on a bad BUDGET_S, ARCHIVE or ONLY.
 
 set -u
 OUTDIR=${1:-${OUT:?give the output folder as \$1 or \$OUT}}
@@ -37,6 +37,7 @@ unset TRITON_INTERPRET FAIRSEQ_PLUGIN_TRITON_ON_CPU
 BUDGET_S=${BUDGET_S:-}
 ARCHIVE=${ARCHIVE:-}
 ONLY=${ONLY:-}
+# every step below, by name, in order (ONLY is checked against it)
 STEPS="environment kernel_tests cuda_graph sync_debug nan_rows topk_paths sanitizer_memcheck sanitizer_racecheck
 benchmark_targets benchmark_skew benchmark"
 for name in $ONLY; do
