@@ -84,3 +84,10 @@ def test_gpu_check_script_runs_only_the_steps_named(tmp_path):
     assert run.returncode == 1, run.stderr[-2000:]
     lines = (tmp_path / "out" / "summary.txt").read_text().splitlines()
     assert len(lines) == 1 and lines[0].startswith("environment: FAIL (exit 1)"), lines
+
+
+def test_gpu_check_script_fails_when_its_budget_skipped_a_step(tmp_path):
+    """A step the budget could not hold has not passed: the run fails even though nothing else did."""
+    run = _gpu_check(tmp_path / "out", ONLY="environment", BUDGET_S="30")  # under the 25 s reserve + 15
+    assert run.returncode == 1, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (tmp_path / "out" / "summary.txt").read_text() == "environment: SKIPPED (BUDGET_S=30 spent)\n"
