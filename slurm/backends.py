@@ -225,6 +225,10 @@ class DebugBackend(Backend):
         return True
 
 
+SIGNAL_EARLY_S = 60  # how much earlier than signal_delay_s SLURM may send the USR2 (sbatch --signal)
+SIGNAL_START_S = 10  # the least time a job must have to start before that USR2 can come
+
+
 class SlurmBackend(Backend):
     name = "slurm"
     poll_s = 2.0
@@ -260,6 +264,17 @@ class SlurmBackend(Backend):
         return sys.maxsize  # SLURM schedules: everything goes out at once
 
     def submit(self, sweep: Sweep, resources: Resources, jobs: Sequence[TrainJob]) -> list[Job]:
+        # sbatch(1) --signal: "the signal may be sent up to 60 seconds earlier than specified". A USR2
+        # that comes before submitit has installed its handler kills the job instead of requeueing it
+        # (seen: time_min 1, signal_delay_s 50, USR2 half a second after the start).
+        start_s = resources.time_min * 60 - resources.signal_delay_s - SIGNAL_EARLY_S
+        if start_s < SIGNAL_START_S:
+            need = -(-(resources.signal_delay_s + SIGNAL_EARLY_S + SIGNAL_START_S) // 60)
+            raise SubmissionError(
+                f"resources.signal_delay_s={resources.signal_delay_s} with time_min={resources.time_min}: SLURM may "
+                f"send USR2 up to {SIGNAL_EARLY_S} s early, {max(start_s, 0)} s into the job, before it can catch it; "
+                f"set time_min >= {need} or lower signal_delay_s"
+            )
         try:
             handles = self.executor(sweep, resources).submit_array(list(jobs))  # TrainJobs: checkpointable
         except Exception as err:  # noqa: BLE001  (sbatch missing, a bad partition, ...)

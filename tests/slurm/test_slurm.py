@@ -16,7 +16,7 @@ import time
 
 import pytest
 
-from slurm.backends import SlurmBackend
+from slurm.backends import SlurmBackend, SubmissionError
 from slurm.job import TrainJob, probe
 from slurm.spec import Sweep, job_spec, load
 
@@ -106,14 +106,14 @@ def test_preemption_requeues_and_resumes_to_the_same_updates(tmp_path, corpus, s
 
 
 def test_timeout_requeues_and_finishes(tmp_path, corpus, slurm_cluster):
-    # 1-minute limit, USR2 requested 50 s before it. slurmctld delivers signals on its 30 s sweep,
-    # so an attempt is signalled 10-40 s in (25 s measured for the first, ~18 s for requeued ones).
-    # The 45 s training budget (cumulative across restarts in fairseq) is more than any one attempt
-    # can train (at most 40 s less fairseq's ~5 s start-up), so a requeue is certain; a 24 s budget
-    # once finished inside the first attempt on a fast machine. On a loaded machine start-up eats
-    # most of each attempt, so more than submitit's default 3 requeues may be needed: allow 12.
-    sweep = _sweep(tmp_path, corpus, "tmo", budget={"max_update": 100000, "wall_minutes": 0.75},
-                   resources__time_min=1, resources__signal_delay_s=50, fairseq__save_interval_updates=5,
+    # A 2-minute limit, USR2 requested 50 s before it. SLURM may send it up to 60 s early (sbatch's
+    # --signal; slurmctld looks every 30 s), so an attempt is signalled 10-70 s in (40-70 s seen): never
+    # before submitit's handler is up, which a 1-minute limit could not promise (SlurmBackend refuses
+    # it). The 75 s training budget (cumulative across restarts in fairseq) is more than one attempt can
+    # train (at most 70 s less fairseq's ~5 s start-up), so a requeue is certain. On a loaded machine
+    # start-up eats more of each attempt, so more than submitit's default 3 requeues may be needed.
+    sweep = _sweep(tmp_path, corpus, "tmo", budget={"max_update": 100000, "wall_minutes": 1.25},
+                   resources__time_min=2, resources__signal_delay_s=50, fairseq__save_interval_updates=5,
                    fairseq__validate_interval_updates=100000)  # fmt: skip
     run = sweep.runs()[0]
     (job,) = SlurmBackend(max_num_timeout=12).submit(sweep, sweep.resources, [TrainJob(job_spec(sweep, run))])
@@ -121,6 +121,14 @@ def test_timeout_requeues_and_finishes(tmp_path, corpus, slurm_cluster):
     result = _result(sweep.dir, run.run_id)
     assert job.result()["state"] == "finished" and result["state"] == "finished", result
     assert result.get("requeues", 0) >= 1 and result["attempts"] >= 2, result
+
+
+def test_a_signal_that_could_come_before_the_job_starts_is_refused(tmp_path, corpus):
+    sweep = _sweep(tmp_path, corpus, "early", resources__time_min=1, resources__signal_delay_s=50)
+    with pytest.raises(SubmissionError) as err:
+        SlurmBackend().submit(sweep, sweep.resources, [TrainJob(job_spec(sweep, sweep.runs()[0]))])
+    assert "set time_min >= 2 or lower signal_delay_s" in str(err.value) and "\n" not in str(err.value)
+    assert not (sweep.dir / "submitit").exists()  # refused before sbatch
 
 
 def test_gpus_per_node_become_tasks_with_gres(tmp_path, corpus, slurm_cluster):
