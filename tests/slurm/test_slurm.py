@@ -107,7 +107,7 @@ def test_preemption_requeues_and_resumes_to_the_same_updates(tmp_path, corpus, s
 
 def test_timeout_requeues_and_finishes(tmp_path, corpus, slurm_cluster):
     # A 2-minute limit, USR2 requested 50 s before it. SLURM may send it up to 60 s early (sbatch's
-    # --signal; slurmctld looks every 30 s), so an attempt is signalled 10-70 s in (40-70 s seen): never
+    # --signal; slurmctld looks every 30 s), so an attempt is signalled 10-70 s in (54 s seen): never
     # before submitit's handler is up, which a 1-minute limit could not promise (SlurmBackend refuses
     # it). The 75 s training budget (cumulative across restarts in fairseq) is more than one attempt can
     # train (at most 70 s less fairseq's ~5 s start-up), so a requeue is certain. On a loaded machine
