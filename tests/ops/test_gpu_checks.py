@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -49,8 +50,6 @@ def test_gpu_check_script_keeps_to_its_budget_and_archives_what_ran(tmp_path):
     the environment step runs (and fails: no CUDA), the steps the budget cannot hold are recorded
     as SKIPPED and fail the run, and ARCHIVE holds OUTDIR as it stood at the end (the device tool
     brings back 8 files at most, the script writes about 20). About 5-15 s."""
-    import tarfile
-
     archive = tmp_path / "back" / "gpu_check.tar.gz"
     run = _gpu_check(tmp_path / "out", BUDGET_S="42", ARCHIVE=str(archive))
     assert run.returncode == 1, run.stdout[-3000:] + run.stderr[-2000:]
@@ -71,7 +70,7 @@ def test_gpu_check_script_keeps_to_its_budget_and_archives_what_ran(tmp_path):
     ({"ARCHIVE": "{out}/inside.tar.gz"}, "must lie outside OUTDIR"),
     ({"ONLY": "environment benchmarks"}, "ONLY names an unknown step 'benchmarks'; the steps: environment"),
 ])  # fmt: skip
-def test_gpu_check_script_refuses_a_bad_budget_or_archive(tmp_path, env, words):
+def test_gpu_check_script_refuses_a_bad_budget_archive_or_step_name(tmp_path, env, words):
     out = tmp_path / "out"
     run = _gpu_check(out, **{key: value.format(out=out) for key, value in env.items()})
     assert run.returncode == 2 and words in run.stderr, run.stderr
