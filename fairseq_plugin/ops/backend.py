@@ -11,6 +11,8 @@
   :func:`compiled.use_compiled` is off (``FAIRSEQ_PLUGIN_COMPILED=0``).
 
 A CUDA tensor with Triton missing or older than 3.6 warns once, naming the version, and runs the
+reference. So does the interpreter switch where triton's interpreter cannot run the kernels
+(:func:`interpreter_problem`: triton 3.6 with numpy >= 2.4); CPU tensors then take csrc/ or the
 reference. Triton is imported on the first question about a CUDA tensor (or under the
 interpreter switch), never at package import, and the answer is cached. The environment is read
 once too: set both variables before the first op runs (and before anything imports triton, since
@@ -33,6 +35,7 @@ _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _triton_version: Optional[Tuple[str, bool]] = None  # (version or why missing, new enough)
 _on_cpu: Optional[bool] = None
+_interpreter_ok: Optional[bool] = None
 _warned = False
 
 
@@ -66,6 +69,43 @@ def triton_on_cpu() -> bool:
     return _on_cpu
 
 
+def interpreter_problem(triton_version: str, numpy_version: Optional[str]) -> Optional[str]:
+    """Why triton's interpreter cannot run the kernels with these versions (one line naming the
+    fix), or None. triton 3.6's interpreter converts loop bounds with ``int()`` of a one-element
+    array, which numpy 2.4 turned into a TypeError ("only 0-dimensional arrays can be converted");
+    triton 3.7 squeezes the array first. numpy ``None``: not importable (the interpreter needs it)."""
+    if numpy_version is None:
+        return "triton's interpreter needs numpy, which is not importable; pip install 'numpy<2.4'"
+    if _parse(triton_version) == (3, 6) and _parse(numpy_version) >= (2, 4):
+        return (
+            f"triton {triton_version}'s interpreter fails on numpy {numpy_version} (int() of a one-element "
+            "array, an error since numpy 2.4); pip install 'numpy<2.4', or triton >= 3.7"
+        )
+    return None
+
+
+def _interpreter_usable() -> bool:
+    """Whether the interpreter switch can send CPU tensors to the kernels; warns once if not."""
+    global _interpreter_ok
+    if _interpreter_ok is None:
+        try:
+            import numpy
+
+            numpy_version: Optional[str] = str(numpy.__version__)
+        except ImportError:
+            numpy_version = None
+        problem = interpreter_problem(triton_status()[0], numpy_version)
+        _interpreter_ok = problem is None
+        if problem:
+            warnings.warn(
+                f"fairseq_plugin: TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1 is set, but {problem}; "
+                "CPU tensors run csrc/ or the reference instead",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _interpreter_ok
+
+
 def _dtype_ok(t: Tensor) -> bool:
     return t.dtype in _TRITON_DTYPES or not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -89,7 +129,7 @@ def implementation(t: Tensor) -> str:
             )
         return "reference"
     if t.device.type == "cpu":
-        if triton_on_cpu() and _dtype_ok(t) and triton_status()[1]:
+        if triton_on_cpu() and _dtype_ok(t) and triton_status()[1] and _interpreter_usable():
             return "triton"
         if compiled.usable(t):
             return "cpu"
