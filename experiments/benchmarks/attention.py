@@ -50,7 +50,7 @@ CUDA_IMPLS = ["sdpa-cudnn"]  # SDPA's cuDNN backend, a second baseline on CUDA (
 # the ops of both compiled namespaces (csrc/ and Triton), by the stage of the pipeline they are
 STAGES = {"lsh_hash": "hash", "hamming_kmeans": "kmeans", "cluster_sum": "aggregate", "cluster_broadcast": "aggregate",
           "softmax_topk": "centroid_topk", "centroid_attention": "centroid_topk", "centroid_topk": "centroid_topk",
-          "centroid_attention_backward": "centroid_bwd", "topk_attention": "topk_fwd",
+          "centroid_attention_backward": "centroid_bwd", "softmax_topk_backward": "centroid_bwd", "topk_attention": "topk_fwd",
           "topk_attention_combine": "topk_fwd", "topk_attention_backward": "topk_bwd", "cluster_combine": "combine",
           "cluster_combine_backward": "combine"}  # fmt: skip
 # --isa: the CPU instruction set a cell may use, for the plugin's kernels (FAIRSEQ_PLUGIN_CPU_ISA caps

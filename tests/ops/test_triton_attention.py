@@ -218,25 +218,39 @@ def case_softmax_topk_threshold_and_chunk_merge_paths():
 
 
 def case_softmax_topk_gradient_matches_reference():
+    """The backward kernel against float64 autograd of the softmax: rows crossing the backward's
+    chunks (64 keys under the interpreter), padded keys, k = 9 and 1, each output alone (the
+    others' gradients absent) and all three. One row holds a NaN: its gradient is all NaN, and
+    every other row's is exact (k = S goes through the products cases)."""
     import torch
 
     from fairseq_plugin.ops.triton.topk import softmax_topk
 
-    scores = torch.randn(1, 2, 3, 40, generator=_gen(3), dtype=torch.float32).to(DEVICE)
-    kpm = torch.zeros(1, 40, dtype=torch.bool, device=DEVICE)
-    kpm[0, 33:] = True
+    n, h, c, s = 1, 2, 3, 150
+    scores = (torch.randn(n, h, c, s, generator=_gen(3), dtype=torch.float32) * 2).to(DEVICE)
+    scores[0, 1, 2, 70] = float("nan")
+    finite = torch.ones(n, h, c, dtype=torch.bool, device=DEVICE)
+    finite[0, 1, 2] = False
+    kpm = torch.zeros(n, s, dtype=torch.bool, device=DEVICE)
+    kpm[0, 133:] = True
     g = _gen(4)
-    w_rest, w_top, w_mass = (torch.randn(sh, generator=g).to(DEVICE) for sh in ((1, 2, 3, 40), (1, 2, 3, 9), (1, 2, 3)))
-    x = scores.clone().requires_grad_()
-    rest_w, top, top_w, mass = softmax_topk(x, kpm, 9)
-    ((rest_w * w_rest).sum() + (top_w * w_top).sum() + (mass * w_mass).sum()).backward()
     xd = scores.double().requires_grad_()
     attn = torch.softmax(xd.masked_fill(kpm[:, None, None], float("-inf")), -1)
-    t = top.long()
-    ref = (attn.scatter(-1, t, 0.0) * w_rest).sum() + (attn.gather(-1, t) * w_top).sum()
-    ref = ref + (attn.gather(-1, t).sum(-1) * w_mass).sum()
-    (gd,) = torch.autograd.grad(ref, xd)
-    _assert_close(x.grad, gd, 1e-6, "d scores")
+    for kk in (9, 1):
+        x = scores.clone().requires_grad_()
+        rest_w, top, top_w, mass = softmax_topk(x, kpm, kk)
+        t = top.long()
+        ours = {"rest": rest_w, "top": top_w, "mass": mass}
+        theirs = {"rest": attn.scatter(-1, t, 0.0), "top": attn.gather(-1, t), "mass": attn.gather(-1, t).sum(-1)}
+        weights = {name: torch.randn(out.shape, generator=g).to(DEVICE) for name, out in ours.items()}
+        for used in (("rest", "top", "mass"), ("rest",), ("top",), ("mass",)):
+            loss = sum((ours[name] * weights[name]).sum() for name in used)
+            ref = sum((theirs[name] * weights[name]).sum() for name in used)
+            (got,) = torch.autograd.grad(loss, x, retain_graph=True)
+            (gd,) = torch.autograd.grad(ref, xd, retain_graph=True)
+            _assert_close(got[finite], gd[finite], 1e-6, f"d scores, k={kk}, {'+'.join(used)}")
+            assert (got[finite][..., 133:] == 0).all(), "padded keys get gradient"
+            assert got[~finite].isnan().all(), "a NaN row's gradient is not all NaN"
 
 
 def _products_case(shape, kk, *, seed, skew=None, empty=None, padded_queries=0, pad_keys=0, tol=2e-5):
@@ -398,7 +412,9 @@ def case_opcheck():
     kpm[0, 15:] = True
     scores = (cen * 0.25) @ k.transpose(-1, -2)
     torch.library.opcheck(topk.softmax_topk, (scores.clone().requires_grad_(), kpm, 3))
-    rest_w, top, _, mass = topk.softmax_topk(scores, kpm, 3)
+    rest_w, top, top_w, mass = topk.softmax_topk(scores, kpm, 3)
+    g_rest, g_top = (torch.randn(sh, generator=_gen(52)).to(DEVICE) for sh in (rest_w.shape, top_w.shape))
+    torch.library.opcheck(topk.softmax_topk_backward, (rest_w, g_rest, top, top_w, g_top))
     order, offsets = sparse.group_by_cluster(a, c)
     q, k, v, mass, rest = _leaves(q, k, v, mass, rest_w @ v)
     torch.library.opcheck(sparse.topk_attention, (q, k, v, top, mass, rest, order, offsets, kpm, 0.25))

@@ -12,8 +12,14 @@
 * ``mass`` (N, H, C) fp32: m̂_j = Σ_{t∈T_j} A^c_jt.
 
 A NaN or +inf score, or a row whose keys are all padded, makes every weight of that row NaN.
-Gradients flow to ``scores`` from ``rest_weights``, ``top_weights`` and ``mass`` (the softmax
-backward, in torch: O(C·S) elementwise).
+Gradients flow to ``scores`` from ``rest_weights``, ``top_weights`` and ``mass``: the softmax
+backward ``dscores = A^c ⊙ (g - Σ g ⊙ A^c)``, where g is the rest weights' gradient off T_j and the
+top weights' (plus the mass's) on T_j. It is a second kernel, one program a row: pass 1 reads
+``rest_weights`` and its gradient for the row's dot product (the top-k part from the (k,) lists),
+pass 2 reads them again and writes ``dscores``, then the k entries of T_j are written over. That
+reads 3 and writes 1 (C, S) fp32 arrays, with no temporary, against about 8 reads and 5 writes, and
+4 temporaries, as torch ops. A non-finite rest-weights gradient at a key of T_j (where the rest
+weight is a constant 0) makes the row's gradient NaN, where the torch form ignored it.
 
 The kernel: one program per row. Pass 1 reads the row in chunks of BLOCK_S for its max and sum
 (per-lane online softmax). Pass 2 computes the weights and writes them. The top-k keys are then
@@ -201,6 +207,55 @@ def _blocks(kk: int, interpreted: bool) -> Tuple[int, int]:
     return max(256, block_k), block_k
 
 
+@triton.jit
+def _softmax_topk_backward_kernel(
+    REST_W,  # (R, S) fp32: the forward's rest weights (0 on T)
+    GRAD_REST,  # (R, S) fp32: their gradient
+    TOP,  # (R, KK) int32: T, distinct keys in [0, S)
+    TOP_W,  # (R, KK) fp32: A^c on T
+    G_TOP,  # (R, KK) fp32: the gradient on T (top weights' + mass's)
+    GRAD,  # (R, S) fp32 out: d scores
+    S,
+    KK,
+    BLOCK_S: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    lanes = tl.arange(0, BLOCK_S)
+    slot = tl.arange(0, BLOCK_K)
+    used = slot < KK
+    top = tl.load(TOP + row * KK + slot, mask=used, other=0)
+    top_w = tl.load(TOP_W + row * KK + slot, mask=used, other=0.0)
+    g_top = tl.load(G_TOP + row * KK + slot, mask=used, other=0.0)
+
+    # Pass 1: dot = Σ_j A^c_j g_j (off T the rest weights, on T the top weights; rest weights are 0 on T)
+    acc = tl.zeros((BLOCK_S,), tl.float32)
+    for start in range(0, S, BLOCK_S):
+        idx = start + lanes
+        inside = idx < S
+        w = tl.load(REST_W + row * S + idx, mask=inside, other=0.0)
+        g = tl.load(GRAD_REST + row * S + idx, mask=inside, other=0.0)
+        acc += w * g
+    dot = tl.sum(acc, axis=0) + tl.sum(top_w * g_top, axis=0)
+
+    # Pass 2: A^c_j (g_j - dot) off T (0 at padded keys, NaN through a NaN row) ...
+    for start in range(0, S, BLOCK_S):
+        idx = start + lanes
+        inside = idx < S
+        w = tl.load(REST_W + row * S + idx, mask=inside, other=0.0)
+        g = tl.load(GRAD_REST + row * S + idx, mask=inside, other=0.0)
+        tl.store(GRAD + row * S + idx, w * (g - dot), mask=inside)
+    # ... then on T, over pass 2's zeros there (after every thread's pass-2 stores)
+    tl.debug_barrier()
+    tl.store(GRAD + row * S + top, top_w * (g_top - dot), mask=used)
+
+
+def _backward_block_s(interpreted: bool) -> int:
+    """Keys a step of the backward: 1024 on the GPU (8 a thread at 4 warps, 16-byte loads); 64
+    under the interpreter, so that the tests' rows cross chunks."""
+    return 64 if interpreted else 1024
+
+
 def _num_warps(block_s: int) -> int:
     return 8 if block_s >= 512 else 4  # 4 warps spill a few bytes at 512
 
@@ -228,6 +283,16 @@ CONFIGS = [
         "constexprs": {"BLOCK_S": _blocks(bk, False)[0], "BLOCK_K": bk, "THRESHOLD": _threshold(bk)[0],
                        "CAP": _threshold(bk)[1]},
         "num_warps": _num_warps(_blocks(bk, False)[0]),
+        "tile_products": False,
+    }
+    for bk in _GPU_BLOCK_K
+] + [
+    {
+        "kernel": _softmax_topk_backward_kernel,
+        "signature": {"REST_W": "*fp32", "GRAD_REST": "*fp32", "TOP": "*i32", "TOP_W": "*fp32", "G_TOP": "*fp32",
+                      "GRAD": "*fp32", "S": "i32", "KK": "i32"},
+        "constexprs": {"BLOCK_S": _backward_block_s(False), "BLOCK_K": bk},
+        "num_warps": 4,
         "tile_products": False,
     }
     for bk in _GPU_BLOCK_K
@@ -314,17 +379,36 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(top)
 
 
+@torch.library.custom_op("fairseq_clustered_triton::softmax_topk_backward", mutates_args=())
+def softmax_topk_backward(rest_w: Tensor, grad_rest_w: Tensor, top: Tensor, top_w: Tensor, g_top: Tensor) -> Tensor:
+    """d scores (N, H, C, S) fp32 = A^c ⊙ (g - Σ g ⊙ A^c), g the rest weights' gradient off T and
+    ``g_top`` on T (A^c: ``rest_w`` with ``top_w`` on T). NaN weights (a NaN row) spread NaN to the
+    row's padded positions too; those scores are masked anyway."""
+    n, h, c, s = rest_w.shape
+    grad = torch.empty_like(rest_w)
+    kk = top.shape[-1]
+    if n * h * c == 0:
+        return grad
+    interpreted = _interpreted()
+    _softmax_topk_backward_kernel[(n * h * c,)](
+        rest_w, grad_rest_w, top, top_w, g_top, grad, s, kk,
+        BLOCK_S=_backward_block_s(interpreted), BLOCK_K=_blocks(kk, interpreted)[1], num_warps=4,
+    )
+    return grad
+
+
+@softmax_topk_backward.register_fake
+def _(rest_w, grad_rest_w, top, top_w, g_top):
+    return torch.empty_like(rest_w)
+
+
 def _backward(ctx, grad_rest_w, grad_top, grad_top_w, grad_mass):
     rest_w, top, top_w = ctx.saved_tensors
-    top = top.long()
-    attn = rest_w.scatter(-1, top, top_w)  # A^c
     g_top = torch.zeros_like(top_w) if grad_top_w is None else grad_top_w.float()
     if grad_mass is not None:
         g_top = g_top + grad_mass.float().unsqueeze(-1)
-    g_attn = torch.zeros_like(rest_w) if grad_rest_w is None else grad_rest_w.float()
-    g_attn = g_attn.scatter(-1, top, g_top)  # rest_weights is constant 0 on T_j
-    grad = attn * (g_attn - (g_attn * attn).sum(-1, keepdim=True))  # softmax backward
-    # NaN weights (a NaN row) would spread NaN to padded positions; those scores are masked anyway.
+    g_rest = torch.zeros_like(rest_w) if grad_rest_w is None else grad_rest_w.float()
+    grad = softmax_topk_backward(rest_w, g_rest.contiguous(), top, top_w, g_top.contiguous())
     return grad, None, None
 
 
