@@ -293,6 +293,67 @@ def case_products_l_less_than_c_and_single_query():
     _products_case((1, 1, 1, 10, 8, 8, 1), 3, seed=15)  # one query
 
 
+def case_launch_grids_fit_cuda_limits():
+    """70,000 heads (N·H past 65,535, CUDA's cap on grid axes 1 and 2, which the interpreter does
+    not have): hashing, k-means, cluster sum/broadcast and the i-clustered products forward and
+    backward launch. On CUDA the kernels run (one query and key a head); under the interpreter,
+    where 70,000 heads would take hours, recorders stand in for every kernel and check each grid."""
+    import torch
+
+    from fairseq_plugin.ops.triton import aggregate, hashing, kmeans, sparse, topk
+
+    n, length, e, bits = 70_000, 2, 16, 8
+    grids = {}
+    patched = []
+    if DEVICE == "cpu":
+        class Recorder:
+            def __init__(self, name):
+                self.name = name
+
+            def __getitem__(self, grid):
+                grids.setdefault(self.name, []).append(tuple(grid))
+                return lambda *args, **kwargs: None
+
+        launched = {"_lsh_hash_kernel", "_assign_kernel", "_update_kernel", "_order_kernel", "_cluster_sum_kernel",
+                    "_cluster_broadcast_kernel", "_softmax_topk_kernel", "_softmax_topk_backward_kernel",
+                    "_topk_attn_fwd", "_topk_attn_bwd"}
+        for module in (aggregate, hashing, kmeans, sparse, topk):
+            for name in launched & set(vars(module)):
+                patched.append((module, name, getattr(module, name)))
+                setattr(module, name, Recorder(name))
+    try:
+        g = _gen(60)
+        x = torch.randn(n, 1, length, e, generator=g).to(DEVICE)
+        planes = torch.randn(bits, e + 1, generator=g).to(DEVICE)
+        codes = hashing.lsh_hash(x, planes)
+        init = torch.zeros(n, 1, 1, dtype=torch.long, device=DEVICE)
+        reseed = torch.zeros(1, n, 1, 1, dtype=torch.long, device=DEVICE)
+        kmeans.hamming_kmeans(codes, init, reseed, None, bits)
+        a = torch.zeros(n, 1, length, dtype=torch.long, device=DEVICE)
+        cen = aggregate.cluster_sum(x, a, 1)
+        aggregate.cluster_broadcast(cen, a)
+        q, k, v = (t.clone().requires_grad_() for t in (x, x, x))
+        mass, out = sparse.topk_products(q, k, v, cen.detach().requires_grad_(), a, 1, 0.25)
+        (out.float().sum() + mass.sum()).backward()
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+            assert out.isfinite().all() and q.grad.isfinite().all() and k.grad.isfinite().all()
+    finally:
+        for module, name, kernel in patched:
+            setattr(module, name, kernel)
+    if DEVICE == "cpu":
+        assert set(grids) == launched, f"not launched: {sorted(launched - set(grids))}"
+        for name, launches in grids.items():
+            for grid in launches:
+                assert all(0 < d < 2**31 for d in grid[:1]) and all(0 < d <= 65_535 for d in grid[1:]), (name, grid)
+    try:
+        sparse._grid(65_536, 1)  # L past 4M: more tiles a head than axis 1 holds
+    except ValueError as err:
+        assert "65,535 tiles a head" in str(err) and "\n" not in str(err), err
+    else:
+        raise AssertionError("a grid of 65,536 tiles a head was accepted")
+
+
 def case_products_nan_rows():
     import torch
 

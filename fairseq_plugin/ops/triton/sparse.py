@@ -5,10 +5,11 @@ For query i of cluster j, with T_j the cluster's top-k keys, m̂_j their centroi
 
     out_i = m̂_j · O_i + rest_j,    O_i = Σ_{t∈T_j} softmax_t(τ q_i·k_t) v_t.
 
-Tiles: one program per (tile, batch·head), a tile = up to BLOCK_M queries of one cluster, taken
-from ``order[offsets[j]:offsets[j+1]]`` (the queries sorted by cluster). The grid is the fixed
-upper bound ``cdiv(L, BLOCK_M) + C`` tiles per (n, h) and a device-side tile table maps each
-program to (cluster, first row); spare programs exit at once. Nothing syncs with the host, so the
+Tiles: one program per (batch·head, tile), a tile = up to BLOCK_M queries of one cluster, taken
+from ``order[offsets[j]:offsets[j+1]]`` (the queries sorted by cluster). The grid is (N·H, NT),
+NT = ``cdiv(L, BLOCK_M) + C`` tiles per (n, h), a fixed upper bound (heads on axis 0: CUDA caps
+axis 1 at 65,535, which N·H can pass), and a device-side tile table maps each program to
+(cluster, first row); spare programs exit at once. Nothing syncs with the host, so the
 op can be captured in a CUDA graph, and a skewed cluster costs only its own tiles.
 
 Forward: the tile's queries stay in registers; the cluster's k keys and values are loaded once per
@@ -47,11 +48,12 @@ def _dot(a, b, IEEE: tl.constexpr):
 
 
 @triton.jit
-def _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M: tl.constexpr):
-    """(cluster j or C for a spare tile, query indices (BLOCK_M,), row validity (BLOCK_M,))."""
-    n_tiles = tl.num_programs(0)
-    j = tl.load(TILES + (bh * n_tiles + tile) * 2)
-    row0 = tl.load(TILES + (bh * n_tiles + tile) * 2 + 1)
+def _tile(TILES, OFFSETS, ORDER, pid, bh, C, L, BLOCK_M: tl.constexpr):
+    """(cluster j or C for a spare tile, query indices (BLOCK_M,), row validity (BLOCK_M,)) of
+    entry ``pid`` = bh·NT + tile of TILES (N·H, NT, 2)."""
+    entry = TILES + pid * 2
+    j = tl.load(entry)
+    row0 = tl.load(entry + 1)
     end = tl.load(OFFSETS + bh * (C + 1) + tl.minimum(j + 1, C))
     end = tl.where(j < C, end, row0)  # a spare tile holds no rows
     rows = row0 + tl.arange(0, BLOCK_M)
@@ -92,10 +94,10 @@ def _topk_attn_fwd(
     IEEE: tl.constexpr, CAST_F32: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # heads on axis 0: CUDA caps axis 1 at 65,535, which N·H can pass
+    pid = bh * tl.num_programs(1) + tl.program_id(1)
     batch = bh // H
-    j, qidx, valid = _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M)
+    j, qidx, valid = _tile(TILES, OFFSETS, ORDER, pid, bh, C, L, BLOCK_M)
     if j >= C:
         return
     ce = tl.arange(0, BLOCK_E)
@@ -122,7 +124,7 @@ def _topk_attn_fwd(
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, IEEE)
         m_i = m_new
-    _, qidx, valid = _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M)  # reloaded, not kept live across the loop
+    _, qidx, valid = _tile(TILES, OFFSETS, ORDER, pid, bh, C, L, BLOCK_M)  # reloaded, not kept live across the loop
     o = acc / l_i[:, None]  # (BLOCK_M, BLOCK_D) fp32; NaN for a NaN or all-padded row
     mass = tl.load(MASS + bh * C + j)
     rest = tl.load(REST + (bh * C + j) * M + cd, mask=cd < M, other=0.0)
@@ -167,10 +169,10 @@ def _topk_attn_bwd(
     IEEE: tl.constexpr, CAST_F32: tl.constexpr, SPLIT_DQ: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    tile = tl.program_id(0)
-    bh = tl.program_id(1).to(tl.int64)
+    bh = tl.program_id(0).to(tl.int64)  # heads on axis 0: CUDA caps axis 1 at 65,535, which N·H can pass
+    pid = bh * tl.num_programs(1) + tl.program_id(1)
     batch = bh // H
-    j, qidx, valid = _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M)
+    j, qidx, valid = _tile(TILES, OFFSETS, ORDER, pid, bh, C, L, BLOCK_M)
     if j >= C:
         return
     ce = tl.arange(0, BLOCK_E)
@@ -206,7 +208,7 @@ def _topk_attn_bwd(
             )
             dq += _dot(ds.to(k.dtype), k, IEEE)
     # reloaded rather than kept live across the loops (with triton 3.6 they spilled at head dim 128)
-    _, qidx, valid = _tile(TILES, OFFSETS, ORDER, bh, tile, C, L, BLOCK_M)
+    _, qidx, valid = _tile(TILES, OFFSETS, ORDER, pid, bh, C, L, BLOCK_M)
     tl.store(
         DQ + bh * L * E + (qidx[:, None] * E + ce[None, :]),
         (dq * scale).to(DQ.dtype.element_ty),
@@ -279,6 +281,17 @@ CONFIGS = [
 ]
 
 
+def _grid(n_tiles: int, nh: int) -> Tuple[int, int]:
+    """The top-k attention's launch grid, (N·H, tiles): CUDA allows 2**31 - 1 programs on axis 0 but
+    65,535 on axis 1, and N·H can pass 65,535 (70,000 short sentences, say) where the tiles a head
+    (cdiv(L, BLOCK_M) + C) reach it only past L = 4M. (One axis, the head found by a division, cost
+    the sm_90 forward 36 more registers.)"""
+    if n_tiles > 65_535:
+        raise ValueError(f"the Triton top-k attention takes at most 65,535 tiles a head (cdiv(L, BLOCK_M) + C), got "
+                         f"{n_tiles}; use shorter sequences")
+    return (nh, n_tiles)
+
+
 def _tile_table(offsets: Tensor, block_m: int, n_tiles: int) -> Tensor:
     """(N*H, n_tiles, 2) int32: (cluster, first row in ``order``) per tile; cluster = C for a spare
     tile. Torch ops only: no host sync, fixed shape."""
@@ -336,7 +349,7 @@ def topk_attention(
     blocks = _blocks(e, m, q.dtype, False, _interpreted())
     n_tiles = triton.cdiv(length, blocks["BLOCK_M"]) + c
     tiles = _tile_table(offsets.reshape(n * h, c + 1), blocks["BLOCK_M"], n_tiles)
-    _topk_attn_fwd[(n_tiles, n * h)](
+    _topk_attn_fwd[_grid(n_tiles, n * h)](
         q.contiguous(), k.contiguous(), v.contiguous(), top.contiguous(), mass.contiguous(), rest.contiguous(),
         _kpm_i8(key_padding_mask, n, s, q), order.contiguous(), offsets.contiguous(), tiles,
         out, o, lse, float(scale), h, length, s, c, kk, e, m,
@@ -366,7 +379,7 @@ def topk_attention_backward(
     blocks = _blocks(e, m, q.dtype, True, _interpreted())
     n_tiles = triton.cdiv(length, blocks["BLOCK_M"]) + c
     tiles = _tile_table(offsets.reshape(n * h, c + 1), blocks["BLOCK_M"], n_tiles)
-    _topk_attn_bwd[(n_tiles, n * h)](
+    _topk_attn_bwd[_grid(n_tiles, n * h)](
         dout.contiguous(), q.contiguous(), k.contiguous(), v.contiguous(), top.contiguous(), mass.contiguous(),
         lse.contiguous(), delta.contiguous(), _kpm_i8(key_padding_mask, n, s, q), order.contiguous(),
         offsets.contiguous(), tiles, dq, dk, dv, float(scale), h, length, s, c, kk, e, m,
