@@ -15,13 +15,14 @@
 # ONLY (optional): the steps to run, by name (e.g. ONLY="benchmark_targets benchmark_skew" for a
 # rerun of what a first call did not finish); the others are left out of the summary.
 #
-# Needs torch + triton + CUDA and this repository; no network, no fairseq. Runs, in order: the
-# environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
+# Needs torch + triton + CUDA and this repository; no network; fairseq only for fairseq_amp.
+# Runs, in order: the environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
 # compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its own process, the
 # centroid top-k's two paths (same outputs; each timed), compute-sanitizer memcheck/racecheck on tiny
 # calls (where installed), the attention benchmark at issue 10's target shape (bf16, H=8, 1k-32k,
-# against SDPA flash and cuDNN), one cluster holding half the queries at 16k, then the full CUDA
-# benchmark grid with the time left.
+# against SDPA flash and cuDNN), one cluster holding half the queries at 16k, fairseq training with
+# --fp16 / --bf16 / --memory-efficient-fp16 (its wheels from WHEELS, default .whl, made by
+# scripts/gpu_wheels.sh), then the full CUDA benchmark grid with the time left.
 # Every step runs even if an earlier one failed; each writes OUTDIR/<step>.log, and
 # OUTDIR/summary.txt lists PASS/FAIL/SKIPPED per step. Exit status 1 if any step failed or was
 # skipped for BUDGET_S, 2 on a bad BUDGET_S, ARCHIVE or ONLY.
@@ -37,9 +38,10 @@ unset TRITON_INTERPRET FAIRSEQ_PLUGIN_TRITON_ON_CPU
 BUDGET_S=${BUDGET_S:-}
 ARCHIVE=${ARCHIVE:-}
 ONLY=${ONLY:-}
+WHEELS=${WHEELS:-.whl}
 # every step below, by name, in order (ONLY is checked against it)
 STEPS="environment kernel_tests cuda_graph sync_debug nan_rows topk_paths sanitizer_memcheck sanitizer_racecheck"
-STEPS="$STEPS benchmark_targets benchmark_skew benchmark"
+STEPS="$STEPS benchmark_targets benchmark_skew fairseq_amp benchmark"
 # wanted NAME: whether ONLY (if set) names step NAME
 wanted() {
     [ -z "$ONLY" ] && return 0
@@ -133,6 +135,18 @@ step benchmark_targets 240 "$PY" experiments/benchmarks/attention.py --device cu
 # one cluster holding half the queries: the top-k attention's (cluster, 64-query) tiles should not care
 step benchmark_skew 90 "$PY" experiments/benchmarks/attention.py --device cuda --dtype bfloat16 --heads 8 \
     --lengths 16384 --skew 0.5 --impls sdpa clustered i-clustered --out "$OUTDIR/attention-skew.csv"
+# fairseq --fp16 / --bf16 / --memory-efficient-fp16 with every attention type, and an fp16 loss scale
+# that overflows (issue 10, deliverable 4). The image has no fairseq: its wheels travel in WHEELS
+# (scripts/gpu_wheels.sh; carry=[".whl"]), installed into a scratch folder for this step alone.
+step fairseq_amp 240 env WHEELS="$WHEELS" PY="$PY" OUTDIR="$OUTDIR" bash -c '
+    site=$(mktemp -d /tmp/gpu_check_site.XXXXXX)
+    trap "rm -rf $site" EXIT
+    if ls "$WHEELS"/*.whl > /dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$site" "$WHEELS"/*.whl \
+            || { echo "FAIL: pip could not install the wheels of $WHEELS"; exit 1; }
+        export PYTHONPATH="$PYTHONPATH:$site"
+    fi
+    "$PY" tests/fairseq/gpu_train.py "$OUTDIR"'
 step benchmark 300 "$PY" experiments/benchmarks/attention.py --device cuda --out "$OUTDIR/attention.csv"
 
 echo "== summary ($OUTDIR${ARCHIVE:+, archived as $ARCHIVE})"

@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 from typing import Iterable, List, Tuple
 
-BIN = Path(sys.executable).parent
 WORDS = "the a cat dog sat ran on under mat log big small red blue and then".split()
 
 
@@ -35,7 +34,7 @@ def write_lines(path: Path, lines: Iterable[str]) -> Path:
 def preprocess(destdir: Path, train: Path, valid: Path) -> Path:
     """fairseq-preprocess --only-source (dictionary built from the training text)."""
     cmd = [
-        str(BIN / "fairseq-preprocess"),
+        sys.executable, "-m", "fairseq_cli.preprocess",  # as fairseq-preprocess, also where no script is installed
         "--only-source",
         "--trainpref", str(train),
         "--validpref", str(valid),
