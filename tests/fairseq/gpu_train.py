@@ -2,7 +2,7 @@
 every attention type with --fp16, --bf16 and --memory-efficient-fp16, and one run whose fp16 loss
 scale starts far too high, so that its first backward passes overflow.
 
-    python tests/fairseq/gpu_train.py OUTDIR                  # on CUDA: 4 archs x 3 precisions + the overflow run
+    python tests/fairseq/gpu_train.py OUTDIR                  # CUDA: 4 archs x 3 precisions + overflow, 4 at once
     python tests/fairseq/gpu_train.py OUTDIR --device cpu     # a dry run of the same commands in fp32 on the CPU
 
 Each run is ``python -m fairseq_cli.train`` with the plugin (no console script needed: on the GPU
@@ -17,6 +17,7 @@ OUTDIR/fairseq_gpu.json; exit status 1 if any run failed.
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import math
 import os
@@ -92,6 +93,7 @@ def main() -> int:
     parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
     parser.add_argument("--archs", nargs="+", choices=ARCHS, default=ARCHS)
     parser.add_argument("--timeout", type=int, default=180, help="seconds per run")
+    parser.add_argument("--jobs", type=int, help="runs at a time (default: 4 on CUDA, 1 on the CPU)")
     args = parser.parse_args()
     try:
         import fairseq  # noqa: F401
@@ -119,14 +121,18 @@ def main() -> int:
     overflow_flags = ["--fp16", "--fp16-init-scale", str(2**24)] if args.device == "cuda" else None
     if overflow_flags:
         plan.append((f"{overflow_arch}-fp16-overflow", ["--arch", overflow_arch, *MODEL, *overflow_flags]))
+    jobs = args.jobs or (4 if args.device == "cuda" else 1)
     results = {}
-    for name, run_args in plan:
-        result = run(name, run_args, data, logs, args.timeout)
-        if name.endswith("-overflow") and not result["overflow_logged"]:
-            result["problems"].append(f"no '{OVERFLOW}' in the log: the inf did not reach the loss scaler")
-        results[name] = result
-        verdict = "ok" if not result["problems"] else "FAIL " + "; ".join(result["problems"])
-        print(f"{name:<44} {result['seconds']:>6} s  losses {result['losses']}  {verdict}", flush=True)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run, name, run_args, data, logs, args.timeout): name for name, run_args in plan}
+        for future in concurrent.futures.as_completed(futures):
+            name, result = futures[future], future.result()
+            if name.endswith("-overflow") and not result["overflow_logged"]:
+                result["problems"].append(f"no '{OVERFLOW}' in the log: the inf did not reach the loss scaler")
+            results[name] = result
+            verdict = "ok" if not result["problems"] else "FAIL " + "; ".join(result["problems"])
+            print(f"{name:<44} {result['seconds']:>6} s  losses {result['losses']}  {verdict}", flush=True)
+    results = {name: results[name] for name, _ in plan}
     (args.outdir / "fairseq_gpu.json").write_text(json.dumps(results, indent=1))
     failed = [name for name, result in results.items() if result["problems"]]
     print(f"{len(results) - len(failed)} passed, {len(failed)} failed")

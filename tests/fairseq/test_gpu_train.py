@@ -1,6 +1,6 @@
 """tests/fairseq/gpu_train.py, the fairseq step of the GPU acceptance run (scripts/gpu_check.sh
 fairseq_amp), as a dry run on the CPU: the same data, commands and log parsing, in fp32 (fairseq's
---fp16 / --bf16 need CUDA). Two architectures, about 25-35 s."""
+--fp16 / --bf16 need CUDA). Two architectures, two at a time, about 25-35 s."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_gpu_train_dry_run_on_cpu(tmp_path):
     run = subprocess.run(
         [sys.executable, str(ROOT / "tests" / "fairseq" / "gpu_train.py"), str(tmp_path), "--device", "cpu",
-         "--archs", "i_clustered_transformer", "hardmax_transformer"],
+         "--archs", "i_clustered_transformer", "hardmax_transformer", "--jobs", "2"],
         capture_output=True, text=True, timeout=400, cwd=tmp_path,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
