@@ -16,9 +16,9 @@
 # rerun of what a first call did not finish); the others are left out of the summary.
 #
 # Needs torch + triton + CUDA and this repository; no network; fairseq only for fairseq_amp.
-# Runs, in order: the environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered fwd+bwd (replayed and
-# compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its own process, the
-# centroid top-k's two paths (same outputs; each timed), compute-sanitizer memcheck/racecheck on tiny
+# Runs, in order: the environment, the kernel tests on CUDA, a CUDA-graph capture of i-clustered
+# fwd+bwd (replayed and compared), torch.cuda.set_sync_debug_mode("error"), the NaN-row check in its
+# own process, the centroid top-k's two paths (same outputs; each timed), compute-sanitizer memcheck/racecheck on tiny
 # calls (where installed), the attention benchmark at issue 10's target shape (bf16, H=8, 1k-32k,
 # against SDPA flash and cuDNN), one cluster holding half the queries at 16k, fairseq training with
 # --fp16 / --bf16 / --memory-efficient-fp16 (its wheels from WHEELS, default .whl, made by

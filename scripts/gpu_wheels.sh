@@ -25,8 +25,14 @@ pin() {  # NAME -> NAME==VERSION from requirements/constraints.txt
 }
 export PIP_CONSTRAINT=  # the target is another Python: the local constraints do not apply
 "$PY" -m pip download -q --no-deps "${platform[@]}" --require-hashes -r requirements/fairseq.txt -d "$DIR"
-"$PY" -m pip download -q --no-deps "${platform[@]}" -d "$DIR" \
-    "$(pin hydra-core)" "$(pin omegaconf)" "$(pin bitarray)" "$(pin editdistance)"
+# resolved first: an assignment whose command substitution fails stops the script (set -e); one
+# used as an argument would only hand pip an empty requirement
+pins=()
+for name in hydra-core omegaconf bitarray editdistance; do
+    line=$(pin "$name")
+    pins+=("$line")
+done
+"$PY" -m pip download -q --no-deps "${platform[@]}" -d "$DIR" "${pins[@]}"
 "$PY" -m pip wheel -q --no-deps -w "$DIR" antlr4-python3-runtime==4.9.3
 ls -1 "$DIR"
 du -sh "$DIR"

@@ -116,11 +116,10 @@ def main() -> int:
             plan += [(f"{arch}-{name}", ["--arch", arch, *MODEL, *flags]) for name, flags in PRECISIONS.items()]
         else:
             plan.append((f"{arch}-fp32", ["--arch", arch, *MODEL, "--cpu"]))
-    # 2**24: the scaled loss passes fp16's 65,504 at once, so the scale halves until it fits
-    overflow_arch = "i_clustered_transformer" if "i_clustered_transformer" in args.archs else args.archs[0]
-    overflow_flags = ["--fp16", "--fp16-init-scale", str(2**24)] if args.device == "cuda" else None
-    if overflow_flags:
-        plan.append((f"{overflow_arch}-fp16-overflow", ["--arch", overflow_arch, *MODEL, *overflow_flags]))
+    if args.device == "cuda":  # fairseq's --fp16 needs CUDA
+        # 2**24: the scaled loss passes fp16's 65,504 at once, so the scale halves until it fits
+        arch = "i_clustered_transformer" if "i_clustered_transformer" in args.archs else args.archs[0]
+        plan.append((f"{arch}-fp16-overflow", ["--arch", arch, *MODEL, "--fp16", "--fp16-init-scale", str(2**24)]))
     jobs = args.jobs or (4 if args.device == "cuda" else 1)
     results = {}
     with concurrent.futures.ThreadPoolExecutor(max_workers=jobs) as pool:
