@@ -13,7 +13,8 @@ The interpreter does not check bounds, so the cases assert every index the kerne
 (top, order, offsets, the tile table) lies in range. fp16 / bf16 error is measured against an
 fp32 reference on the same rounded inputs and must stay within 2x the error of the reference
 run in that dtype (DESIGN.md §2; the interpreter's bf16 tl.dot is broken, so the kernels cast
-bf16 to fp32 before their dots there).
+bf16 to fp32 before their dots there). Under the interpreter the child also shuffles each launch's
+programs and poisons uninitialised memory (tests/ops/hostile.py), as a GPU would.
 """
 
 from __future__ import annotations
@@ -525,6 +526,12 @@ def _child(names) -> None:
 
     torch.set_num_threads(1)
     DEVICE = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE", "cpu")
+    where = ""
+    if DEVICE == "cpu":  # the interpreter: shuffled programs, poisoned memory, as on a GPU
+        from tests.ops import hostile
+
+        hostile.install()
+        where = hostile.describe() + "\n"
     results = {}
     for name in names or CASES:
         start = time.perf_counter()
@@ -532,7 +539,7 @@ def _child(names) -> None:
             globals()[name]()
             results[name] = None
         except Exception:  # report and go on: one failing case must not hide the others
-            results[name] = traceback.format_exc()
+            results[name] = where + traceback.format_exc()
         print(f"{name}: {time.perf_counter() - start:.1f} s", file=sys.stderr)
     print("RESULTS " + json.dumps(results))
 

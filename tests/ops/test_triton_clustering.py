@@ -12,7 +12,8 @@ Run them directly with:
 With ``FAIRSEQ_PLUGIN_TEST_DEVICE=cuda`` the same kernel tests run on CUDA tensors instead
 (scripts/gpu_check.sh). Inputs are fresh random draws (the seed is in every failure message). The
 interpreter does not check bounds, so the harness asserts every index range before and after a
-launch; the references run on CPU copies.
+launch; the references run on CPU copies. The interpreted run also shuffles each launch's programs
+and poisons uninitialised memory (tests/ops/hostile.py), as a GPU would.
 """
 
 from __future__ import annotations
@@ -30,8 +31,13 @@ import torch
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1" and os.environ.get("FAIRSEQ_PLUGIN_TRITON_ON_CPU") == "1"
 DEVICE = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE", "cpu")
 ON_CUDA = DEVICE == "cuda"
-SEED = int.from_bytes(os.urandom(4), "little")
+SEED = int(os.environ.get("FAIRSEQ_PLUGIN_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
 _CURRENT: dict = {}
+
+if INTERPRETED:
+    from tests.ops import hostile
+
+    hostile.install()
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +168,8 @@ def _on(*tensors):
 
 
 def _msg(**kw) -> str:
-    return f"SEED={SEED} " + " ".join(f"{k}={v}" for k, v in kw.items())
+    where = f" {hostile.describe()}" if INTERPRETED else ""
+    return f"SEED={SEED}{where} " + " ".join(f"{k}={v}" for k, v in kw.items())
 
 
 @kernels
@@ -173,6 +180,32 @@ def test_implementation_says_triton():
     assert implementation(_on(torch.zeros(2, dtype=torch.float16))) == "triton"
     assert implementation(_on(torch.zeros(2, dtype=torch.int64))) == "triton"
     assert implementation(_on(torch.zeros(2, dtype=torch.float64))) != "triton"
+
+
+@kernels
+def test_interpreter_shuffles_programs_and_poisons_memory():
+    """The hostile interpreter is on where these tests run: programs of a launch take tickets in a
+    non-grid order (each exactly once), and torch.empty hands out NaN / the largest integer."""
+    if ON_CUDA:
+        pytest.skip("checks the interpreter's hostile mode; a GPU needs none")
+    if not hostile.enabled():
+        pytest.skip("FAIRSEQ_PLUGIN_TEST_HOSTILE=0 turned the hostile mode off")
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def tickets(counter_ptr, out_ptr):
+        pid = tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)
+        tl.store(out_ptr + tl.atomic_add(counter_ptr, 1), pid)
+
+    counter, out = torch.zeros(1, dtype=torch.int32), torch.full((40,), -1, dtype=torch.int32)
+    tickets[(8, 5)](counter, out)
+    msg = f"{hostile.describe()} ran programs in the order {out.tolist()}"
+    assert sorted(out.tolist()) == list(range(40)), msg
+    assert out.tolist() != list(range(40)), msg
+    assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty(2, dtype=torch.float16)).all()
+    assert (torch.empty(3, dtype=torch.int32) == torch.iinfo(torch.int32).max).all()
+    assert (torch.zeros(4).new_empty(2, dtype=torch.int64) == torch.iinfo(torch.int64).max).all()
 
 
 # hashing ------------------------------------------------------------------------------------
