@@ -182,14 +182,18 @@ def test_implementation_says_triton():
     assert implementation(_on(torch.zeros(2, dtype=torch.float64))) != "triton"
 
 
-@kernels
-def test_interpreter_shuffles_programs_and_poisons_memory():
-    """The hostile interpreter is on where these tests run: programs of a launch take tickets in a
-    non-grid order (each exactly once), and torch.empty hands out NaN / the largest integer."""
+def _hostile_only():
     if ON_CUDA:
         pytest.skip("checks the interpreter's hostile mode; a GPU needs none")
     if not hostile.enabled():
         pytest.skip("FAIRSEQ_PLUGIN_TEST_HOSTILE=0 turned the hostile mode off")
+
+
+@kernels
+def test_interpreter_shuffles_programs_and_poisons_memory():
+    """The hostile interpreter is on where these tests run: programs of a launch take tickets in a
+    non-grid order (each exactly once), and torch.empty hands out NaN / the largest integer."""
+    _hostile_only()
     import triton
     import triton.language as tl
 
@@ -206,6 +210,55 @@ def test_interpreter_shuffles_programs_and_poisons_memory():
     assert torch.isnan(torch.empty(3)).all() and torch.isnan(torch.empty(2, dtype=torch.float16)).all()
     assert (torch.empty(3, dtype=torch.int32) == torch.iinfo(torch.int32).max).all()
     assert (torch.zeros(4).new_empty(2, dtype=torch.int64) == torch.iinfo(torch.int64).max).all()
+
+
+@kernels
+def test_interpreter_checks_bounds_and_barriers():
+    """An access outside every tensor argument, a program reading back its own stores without a
+    barrier, and a program reading what another one stores fail; in bounds, masked off, after a
+    barrier, or each program on its own addresses, they pass."""
+    _hostile_only()
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def shift(x_ptr, out_ptr, n, OFF: tl.constexpr, MASKED: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        if MASKED:
+            x = tl.load(x_ptr + i + OFF, mask=i + OFF < n, other=0.0)
+        else:
+            x = tl.load(x_ptr + i + OFF)
+        tl.store(out_ptr + i, x)
+
+    @triton.jit
+    def reverse(x_ptr, out_ptr, BARRIER: tl.constexpr, BLOCK: tl.constexpr):
+        i = tl.arange(0, BLOCK)
+        tl.store(out_ptr + i, tl.load(x_ptr + i) * 2)
+        if BARRIER:
+            tl.debug_barrier()
+        tl.store(out_ptr + i, tl.load(out_ptr + BLOCK - 1 - i) + 1)  # another thread's element
+
+    @triton.jit
+    def neighbours(out_ptr, n, READ_NEXT: tl.constexpr):
+        i = tl.program_id(0)
+        tl.store(out_ptr + i, i * 1.0)
+        if READ_NEXT:  # what another program stores: before or after it, as the GPU schedules
+            tl.store(out_ptr + n + i, tl.load(out_ptr + (i + 1) % n))
+
+    x, out = torch.arange(16, dtype=torch.float32), torch.zeros(16)
+    neighbours[(8,)](out, 8, READ_NEXT=False)
+    with pytest.raises(AssertionError, match="kernel neighbours.* stores and another loads or stores.*programs"):
+        neighbours[(8,)](out, 8, READ_NEXT=True)
+    shift[(1,)](x, out, 16, OFF=0, MASKED=False, BLOCK=16)
+    shift[(1,)](x, out, 16, OFF=3, MASKED=True, BLOCK=16)
+    assert out.tolist() == list(range(3, 16)) + [0.0] * 3
+    for off, what in ((1, "past its end"), (-1, "before its start")):
+        with pytest.raises(Exception, match=f"kernel shift program .*load of 1 address.*nearest argument x_ptr.*{what}"):
+            shift[(1,)](x, out, 16, OFF=off, MASKED=False, BLOCK=16)
+    with pytest.raises(Exception, match="kernel reverse program .*load of 16 address.*tl.debug_barrier"):
+        reverse[(1,)](x, out, BARRIER=False, BLOCK=16)
+    reverse[(1,)](x, out, BARRIER=True, BLOCK=16)
+    assert out.tolist() == [2.0 * (15 - i) + 1 for i in range(16)]
 
 
 # hashing ------------------------------------------------------------------------------------

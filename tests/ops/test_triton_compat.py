@@ -44,6 +44,7 @@ STAMP = ".requirements-sha256"
 CLUSTERING = [
     "test_implementation_says_triton",
     "test_interpreter_shuffles_programs_and_poisons_memory",  # tests/ops/hostile.py works on 3.6 too
+    "test_interpreter_checks_bounds_and_barriers",
     "test_hash_bit_identical_when_projections_are_exact[17-dtype0]",  # fp32, 420 rows
     "test_hash_bit_identical_when_projections_are_exact[63-dtype1]",  # fp16, 63 bits
     "test_hash_random_differs_only_at_the_threshold[dtype1]",  # fp16, a partial feature tile
