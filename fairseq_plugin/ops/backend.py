@@ -3,7 +3,8 @@
 ``implementation(t)`` is what the ops dispatch on, and what a user asks when a run is slow:
 
 * ``"triton"``: triton >= 3.6 is importable and ``t`` is a CUDA tensor of dtype float16,
-  bfloat16 or float32 (or an integer tensor, for codes and assignments); or ``t`` is a CPU tensor
+  bfloat16 or float32 (or an integer tensor, for codes and assignments) on a GPU of compute
+  capability >= 8.0; or ``t`` is a CPU tensor
   and both ``TRITON_INTERPRET=1`` and ``FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` are set, so the kernels
   run in Triton's interpreter (how the tests check them without a GPU);
 * ``"cpu"``: ``t`` is on the CPU and :func:`compiled.usable` accepts it (the csrc/ extension);
@@ -11,7 +12,10 @@
   :func:`compiled.use_compiled` is off (``FAIRSEQ_PLUGIN_COMPILED=0``).
 
 A CUDA tensor with Triton missing or older than 3.6 warns once, naming the version, and runs the
-reference. So does the interpreter switch where triton's interpreter cannot run the kernels
+reference. So does a CUDA tensor on a GPU below compute capability 8.0 (a T4 or a V100), once a
+device, naming the GPU: there Triton makes no tensor-core tile products, the half-precision
+backward needs more shared memory than the 64 KB a block may have, and the k-means pass spills
+(experiments/benchmarks/compile_kernels.py; docs/gpu.md). So does the interpreter switch where triton's interpreter cannot run the kernels
 (:func:`interpreter_problem`: triton 3.6 with numpy >= 2.4); CPU tensors then take csrc/ or the
 reference. Triton is imported on the first question about a CUDA tensor (or under the
 interpreter switch), never at package import, and the answer is cached. The environment is read
@@ -23,7 +27,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -31,12 +35,14 @@ from torch import Tensor
 from . import compiled
 
 MIN_TRITON = (3, 6)
+MIN_CAPABILITY = (8, 0)  # Ampere: the oldest arch the kernels compile cleanly for (compile_kernels.ARCHES)
 _TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 _triton_version: Optional[Tuple[str, bool]] = None  # (version or why missing, new enough)
 _on_cpu: Optional[bool] = None
 _interpreter_ok: Optional[bool] = None
 _warned = False
+_gpu_ok: Dict[Optional[int], bool] = {}  # CUDA device index -> compute capability >= MIN_CAPABILITY
 
 
 def _parse(version: str) -> Tuple[int, ...]:
@@ -106,6 +112,30 @@ def _interpreter_usable() -> bool:
     return _interpreter_ok
 
 
+def _capability(device: torch.device) -> Tuple[Tuple[int, int], str]:
+    """(compute capability, name) of a CUDA device."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(index)
+    return (major, minor), torch.cuda.get_device_name(index)
+
+
+def _gpu_supported(device: torch.device) -> bool:
+    """Whether the Triton kernels serve this CUDA device; warns once a device when they do not."""
+    ok = _gpu_ok.get(device.index)
+    if ok is None:
+        (major, minor), name = _capability(device)
+        ok = _gpu_ok[device.index] = (major, minor) >= MIN_CAPABILITY
+        if not ok:
+            warnings.warn(
+                f"fairseq_plugin: the Triton GPU kernels need compute capability >= "
+                f"{'.'.join(map(str, MIN_CAPABILITY))} (Ampere or newer); {device} is a {name} "
+                f"(sm_{major}{minor}), so CUDA tensors there run the PyTorch reference (correct but slow)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return ok
+
+
 def _dtype_ok(t: Tensor) -> bool:
     return t.dtype in _TRITON_DTYPES or not (t.is_floating_point() or t.is_complex() or t.dtype == torch.bool)
 
@@ -118,7 +148,7 @@ def implementation(t: Tensor) -> str:
     if t.device.type == "cuda":
         version, ok = triton_status()
         if ok:
-            return "triton" if _dtype_ok(t) else "reference"
+            return "triton" if _dtype_ok(t) and _gpu_supported(t.device) else "reference"
         if not _warned:
             _warned = True
             warnings.warn(

@@ -103,7 +103,35 @@ def test_backend_old_triton_warns_once_and_runs_the_reference(monkeypatch):
         warnings.simplefilter("error")
         assert backend.implementation(_FakeCuda()) == "reference"  # once
     monkeypatch.setattr(backend, "_triton_version", ("3.6.0", True))
+    monkeypatch.setattr(backend, "_gpu_ok", {None: True})
     assert backend.implementation(_FakeCuda()) == "triton"
+
+
+class _FakeCudaOn(_FakeCuda):
+    def __init__(self, device: str):
+        self.device = torch.device(device)
+
+
+@pytest.mark.skipif(INTERPRETED or ON_CUDA, reason="checks the switch outside the interpreter")
+def test_backend_gpu_below_ampere_warns_once_a_device_and_runs_the_reference(monkeypatch):
+    from fairseq_plugin.ops import backend
+
+    gpus = {0: ((7, 5), "Tesla T4"), 1: ((8, 6), "NVIDIA A10"), 2: ((7, 0), "Tesla V100-SXM2-32GB"),
+            3: ((12, 0), "NVIDIA GeForce RTX 5090")}
+    asked = []
+    monkeypatch.setattr(backend, "_triton_version", ("3.9.0", True))
+    monkeypatch.setattr(backend, "_gpu_ok", {})
+    monkeypatch.setattr(backend, "_capability", lambda device: asked.append(device.index) or gpus[device.index])
+    with pytest.warns(RuntimeWarning, match=r"compute capability >= 8\.0 \(Ampere or newer\); cuda:0 is a Tesla T4 \(sm_75\)"):
+        assert backend.implementation(_FakeCudaOn("cuda:0")) == "reference"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once a device; supported devices never warn
+        assert backend.implementation(_FakeCudaOn("cuda:0")) == "reference"
+        assert backend.implementation(_FakeCudaOn("cuda:1")) == "triton"
+        assert backend.implementation(_FakeCudaOn("cuda:3")) == "triton"
+    with pytest.warns(RuntimeWarning, match=r"cuda:2 is a Tesla V100-SXM2-32GB \(sm_70\)"):
+        assert backend.implementation(_FakeCudaOn("cuda:2")) == "reference"
+    assert asked == [0, 1, 3, 2]  # asked once a device, then cached
 
 
 @pytest.mark.parametrize(
