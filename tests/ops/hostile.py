@@ -42,11 +42,6 @@ def enabled() -> bool:
     return os.environ.get("FAIRSEQ_PLUGIN_TEST_HOSTILE", "1") != "0"
 
 
-def seed() -> int:
-    """The grid-order seed of this process (0 before :func:`install`)."""
-    return _STATE.get("seed", 0)
-
-
 def describe() -> str:
     """For failure messages: how to replay this process's grid orders."""
     if not _STATE:
@@ -111,7 +106,6 @@ def install() -> None:
         program = _program(p, launch)
         set_idx(*program)
         launch.update(program=program, dirty=[], serial=p)
-        _STATE["programs"] = _STATE.get("programs", 0) + 1
 
     def where() -> str:
         return f"kernel {launch['kernel']} program {launch['program']}, {describe()}"
