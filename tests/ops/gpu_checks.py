@@ -9,8 +9,9 @@
 Each prints one PASS/FAIL line per check, writes ``OUT/<check>.json`` and exits 1 on a failure.
 Needs CUDA and triton; no fairseq. The name does not match ``test_*.py``, so pytest on a CPU
 machine never collects it. ``GPU_CHECKS_DEVICE=cpu`` with ``TRITON_INTERPRET=1
-FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` runs ``topk`` in Triton's interpreter at small sizes (a smoke test:
-tests/ops/test_gpu_checks.py).
+FAIRSEQ_PLUGIN_TRITON_ON_CPU=1`` runs ``nan``, ``tiny`` and ``topk`` in Triton's interpreter, at
+smaller sizes and under tests/ops/hostile.py (tests/ops/test_gpu_checks.py runs ``nan`` and
+``topk``: the checks' own logic, before a GPU day depends on it).
 """
 
 from __future__ import annotations
@@ -44,6 +45,11 @@ def _qkv(n, h, length, e, dtype, seed=0, requires_grad=True):
         torch.randn(n, h, length, e, generator=g, device=DEV, dtype=dtype).requires_grad_(requires_grad)
         for _ in range(3)
     )
+
+
+def _sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
 
 
 def _rel(a, b) -> float:
@@ -129,19 +135,21 @@ def check_sync() -> Dict[str, object]:
 def check_nan() -> Dict[str, object]:
     """A NaN query poisons exactly its cluster; an inf key poisons every query that attends to it;
     no out-of-range index (an illegal address would kill this process: run it alone)."""
-    q, k, v = _qkv(1, 2, 512, 64, torch.bfloat16, seed=4, requires_grad=False)
+    # the interpreter runs a program at a time, and a centroid row's top-k sort takes ~0.6 s there
+    length, c = (512, 20) if DEV == "cuda" else (64, 6)
+    q, k, v = _qkv(1, 2, length, 64, torch.bfloat16, seed=4, requires_grad=False)
     q[0, 0, 7, 3] = float("nan")
-    out, info = improved_clustered_attention(q, k, v, clusters=20, topk=32, return_clusters=True)
-    torch.cuda.synchronize()
+    out, info = improved_clustered_attention(q, k, v, clusters=c, topk=32, return_clusters=True)
+    _sync()
     cluster = info.assignment[0, 0] == info.assignment[0, 0, 7]
     assert torch.isnan(out[0, 0, 7]).all(), "the NaN query's output is not NaN"
     assert torch.isnan(out[0, 0][cluster]).all(), "a query of the NaN query's cluster is not NaN"
     assert torch.isfinite(out[0, 0][~cluster]).all() and torch.isfinite(out[0, 1]).all(), "NaN leaked"
     q[0, 0, 7, 3] = 0.0
-    k[0, 1, 100, 0] = float("inf")
-    out = clustered_attention(q, k, v, clusters=20)
-    out_i = improved_clustered_attention(q, k, v, clusters=20, topk=32)
-    torch.cuda.synchronize()
+    k[0, 1, 100 % length, 0] = float("inf")
+    out = clustered_attention(q, k, v, clusters=c)
+    out_i = improved_clustered_attention(q, k, v, clusters=c, topk=32)
+    _sync()
     for name, o in (("clustered", out), ("i-clustered", out_i)):
         assert torch.isfinite(o[0, 0]).all(), f"{name}: head without inf is not finite"
         assert torch.isnan(o[0, 1]).any(), f"{name}: an inf key came out as silent numbers"
@@ -162,7 +170,7 @@ def check_tiny() -> Dict[str, object]:
         ):
             out = fn()
             out.float().square().sum().backward()
-    torch.cuda.synchronize()
+    _sync()
     return {"dtypes": ["float16", "float32"]}
 
 
@@ -210,7 +218,7 @@ def check_topk() -> Dict[str, object]:
 
 
 CHECKS = {"graph": check_graph, "sync": check_sync, "nan": check_nan, "tiny": check_tiny, "topk": check_topk}
-CPU_CHECKS = ("topk",)  # the ones that run in Triton's interpreter (GPU_CHECKS_DEVICE=cpu)
+CPU_CHECKS = ("nan", "tiny", "topk")  # the ones that also run in Triton's interpreter (GPU_CHECKS_DEVICE=cpu)
 
 
 def main(argv) -> int:
@@ -226,6 +234,10 @@ def main(argv) -> int:
         print(f"FAIL {name}: GPU_CHECKS_DEVICE={DEV} runs {', '.join(CPU_CHECKS)} in Triton's interpreter only "
               "(TRITON_INTERPRET=1 FAIRSEQ_PLUGIN_TRITON_ON_CPU=1)")
         return 1
+    if DEV != "cuda":  # shuffled programs, poisoned memory, bounds and races checked: as on a GPU
+        from tests.ops import hostile
+
+        hostile.install()
     device = torch.cuda.get_device_name() if DEV == "cuda" else f"{DEV} (Triton's interpreter)"
     record = {"check": name, "device": device, "torch": torch.__version__}
     try:

@@ -1,7 +1,8 @@
 """The GPU acceptance run, checked without a GPU, so that it cannot fail on a GPU day for a reason a
-CPU could have shown: tests/ops/gpu_checks.py's ``topk`` check in Triton's interpreter
-(GPU_CHECKS_DEVICE=cpu; about 10 s; the other checks need CUDA: graphs, sync-debug mode, the
-sanitizer), and scripts/gpu_check.sh's time budget, archive and argument errors (about 10 s)."""
+CPU could have shown: tests/ops/gpu_checks.py's ``topk`` and ``nan`` checks in Triton's interpreter
+(GPU_CHECKS_DEVICE=cpu, under tests/ops/hostile.py; about 10 s and 25 s; ``tiny`` runs there too but
+asserts nothing of its own, and the other checks need CUDA: graphs, sync-debug mode, the sanitizer),
+and scripts/gpu_check.sh's time budget, archive and argument errors (about 10 s)."""
 
 from __future__ import annotations
 
@@ -35,9 +36,20 @@ def test_topk_check_runs_in_the_interpreter(tmp_path):
     assert len(cases) == 2 and all(0.0 <= record[key]["threshold_rows"] <= 1.0 for key in cases)
 
 
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_nan_check_runs_in_the_interpreter(tmp_path):
+    """The NaN / inf check's own logic (a NaN query poisons exactly its cluster, an inf key reaches
+    the output as NaN), at L = 64 and 6 clusters instead of 512 and 20. It fails, for one, when the
+    cluster sums drop non-finite values (checked by mutation)."""
+    run = _run_in_interpreter("nan", tmp_path)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    record = json.loads((tmp_path / "nan.json").read_text())
+    assert record["status"] == "PASS" and record["cluster_size_of_nan_query"] >= 2, record
+
+
 def test_interpreter_refuses_the_cuda_only_checks(tmp_path):
     run = _run_in_interpreter("graph", tmp_path)
-    assert run.returncode == 1 and "runs topk in Triton's interpreter only" in run.stdout
+    assert run.returncode == 1 and "runs nan, tiny, topk in Triton's interpreter only" in run.stdout
 
 
 def _gpu_check(out: Path, **env: str) -> subprocess.CompletedProcess:
