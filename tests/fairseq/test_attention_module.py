@@ -156,3 +156,44 @@ def test_checkpointed_clustered_layer_recomputes_the_same_gradients():
         grads[flag] = (xx.grad, layer.self_attn.q_proj.weight.grad)
     for a, b in zip(grads[False], grads[True]):
         torch.testing.assert_close(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize(
+    "cfg",
+    [{}, {"attention_type": "clustered", "clusters": 3}, {"attention_type": "i_clustered", "clusters": 3, "topk": T},
+     {"attention_type": "hardmax"}],
+    ids=["softmax", "clustered", "i_clustered", "hardmax"],
+)
+def test_half_precision_layer_keeps_its_dtype_and_trains(cfg, dtype):
+    """What fairseq's --fp16 / --bf16 do to a layer (model.half() / .to(bfloat16), inputs in that
+    dtype), on CPU: the output keeps the dtype, real tokens and every gradient are finite, and the
+    exact types (softmax; i_clustered with topk >= length) stay within the dtype's rounding of the
+    fp32 layer. The ops themselves are checked in each dtype in tests/ops."""
+    from fairseq.models.transformer import TransformerConfig
+
+    from fairseq_plugin.modules.encoder import build_layer
+
+    tcfg = TransformerConfig()
+    tcfg.encoder.embed_dim, tcfg.encoder.ffn_embed_dim, tcfg.encoder.attention_heads = C, 2 * C, H
+    tcfg.dropout = 0.0  # the fp32 and half layers must see the same function
+    torch.manual_seed(0)
+    layer = build_layer(tcfg, AttentionConfig(**cfg)).train()
+    x, padding = inputs()
+    torch.manual_seed(1)  # the hash planes come from the global RNG
+    expected = layer(x, padding)
+    half = layer.to(dtype)
+    xx = x.to(dtype).requires_grad_(True)
+    torch.manual_seed(1)
+    got = half(xx, padding)
+    assert got.dtype == dtype and got.shape == expected.shape
+    real = ~padding.T  # (T, B)
+    assert torch.isfinite(got[real]).all()
+    got[real].float().square().sum().backward()
+    grads = {name: p.grad for name, p in half.named_parameters()}
+    assert all(g is not None and g.dtype == dtype and torch.isfinite(g).all() for g in grads.values()), [
+        name for name, g in grads.items() if g is None or not torch.isfinite(g).all()]
+    assert torch.isfinite(xx.grad).all()
+    if cfg.get("attention_type", "softmax") in ("softmax", "i_clustered"):
+        scale = expected[real].abs().max()
+        assert (got[real].float() - expected[real]).abs().max() <= 0.05 * scale
