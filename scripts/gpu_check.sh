@@ -97,7 +97,7 @@ step() {
     archive
 }
 
-step environment 60 bash -c "nvidia-smi || echo nvidia-smi not found; git rev-parse HEAD || true; $PY - <<'EOF'
+step environment 60 bash -c "nvidia-smi || echo nvidia-smi not found; git rev-parse HEAD || true; $PY -m fairseq_plugin.ops; $PY - <<'EOF'
 import platform, torch, triton
 print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda,
       '| triton', triton.__version__)
