@@ -15,16 +15,17 @@ interpreter and fail (now and then) on a GPU. Under :func:`install`:
 * **bounds**: every address that a load, store or atomic touches under its mask must lie inside
   one of the launch's tensor arguments (its own span: storage offset to last element);
 * **races between programs**: at the end of a launch, no address that one program stored may be
-  loaded or stored by another (a read-modify-write by load and store instead of an atomic, say).
-  Atomics are exempt: their read-modify-write is coherent;
+  loaded or stored by another (a read-modify-write by load and store instead of an atomic, say),
+  and none that one program updates atomically may be loaded or stored plainly by another.
+  Atomics among themselves are coherent;
 * **races inside a program**: a load or store of an address that the same program stored since
   its last ``tl.debug_barrier()`` is an error. Triton orders one thread's accesses but not
   different threads', and which thread holds which element of a block is the layout's choice, so
   a program that reads back (or writes over) its own stores needs a barrier between the two.
 
 Each violation raises at the access (a race between programs, at the end of the launch), naming
-the kernel, the program(s) and, out of bounds, the nearest argument. Not checked: an atomic on an
-address that another program loads or stores plainly, and anything across launches. The
+the kernel, the program(s) and, out of bounds, the nearest argument. Not checked: anything across
+launches, and an atomic beside a plain access within one program. The
 interpreter tests (test_triton_clustering.py, test_triton_attention.py, and the triton 3.6 subset)
 install it in their interpreter processes; ``FAIRSEQ_PLUGIN_TEST_HOSTILE=0`` turns it off when
 bisecting (its two self-tests in test_triton_clustering.py then skip, which the suite's parent
@@ -86,7 +87,8 @@ def install() -> None:
         builder.set_grid_dim, builder.set_grid_idx, executor._init_args_hst, executor.__call__)
     masked_load, masked_store = builder.create_masked_load, builder.create_masked_store
     atomic_rmw, atomic_cas, barrier = builder.create_atomic_rmw, builder.create_atomic_cas, builder.create_barrier
-    launch: dict = {"spans": [], "kernel": "?", "dirty": [], "program": None, "serial": 0, "loaded": [], "stored": []}
+    launch: dict = {"spans": [], "kernel": "?", "dirty": [], "program": None, "serial": 0,
+                    "loaded": [], "stored": [], "atomic": []}
 
     def init_args_hst(self, args_dev, kwargs):
         args_hst, kwargs_hst = init_args(self, args_dev, kwargs)
@@ -98,7 +100,7 @@ def install() -> None:
         set_dim(nx, ny, nz)
         order = list(range(nx * ny * nz))
         rng.shuffle(order)
-        launch.update(ny=ny, nz=nz, order=order, loaded=[], stored=[])
+        launch.update(ny=ny, nz=nz, order=order, loaded=[], stored=[], atomic=[])
 
     def set_grid_idx(x, y, z):
         # the interpreter walks x, y, z in order: run program order[i] as the i-th one instead
@@ -144,8 +146,24 @@ def install() -> None:
         launch[kind].append(np.stack([addresses, np.full(addresses.shape, launch["serial"], dtype=np.uint64)]))
 
     def check_other_programs() -> None:
-        """At the end of a launch: no address that one program stored is loaded or stored by another.
-        A GPU runs them concurrently, so whichever ran second here, they race."""
+        """At the end of a launch: no address that one program stored is loaded or stored by another,
+        and none that one program updates atomically is loaded or stored plainly by another. A GPU
+        runs them concurrently, so whichever ran second here, they race."""
+        if launch["atomic"] and (launch["stored"] or launch["loaded"]):
+            atomic = np.unique(np.concatenate(launch["atomic"], axis=1), axis=1)
+            plain = np.unique(np.concatenate([*launch["stored"], *launch["loaded"]], axis=1), axis=1)
+            mixed = np.intersect1d(atomic[0], plain[0])
+            if mixed.size:
+                both = np.unique(np.concatenate([atomic, plain], axis=1), axis=1)
+                both = both[:, np.isin(both[0], mixed)]
+                addresses, counts = np.unique(both[0], return_counts=True)
+                if (counts > 1).any():
+                    raise AssertionError(
+                        f"kernel {launch['kernel']}, {describe()}: {int((counts > 1).sum())} address(es) that one "
+                        f"program updates atomically and another loads or stores plainly, first "
+                        f"{int(addresses[counts > 1][0]):#x}: the plain access races the atomic (make both atomic, "
+                        "or split the launch)"
+                    )
         if not launch["stored"]:
             return
         stored = np.unique(np.concatenate(launch["stored"], axis=1), axis=1)  # (2, n) unique (address, program)
@@ -184,11 +202,11 @@ def install() -> None:
         return masked_store(ptrs, value, mask, *rest)
 
     def create_atomic_rmw(op, ptr, val, mask, *rest):
-        check_bounds("atomic", ptr, mask)
+        log_access("atomic", check_bounds("atomic", ptr, mask))
         return atomic_rmw(op, ptr, val, mask, *rest)
 
     def create_atomic_cas(ptr, *rest):
-        check_bounds("atomic", ptr, None)
+        log_access("atomic", check_bounds("atomic", ptr, None))
         return atomic_cas(ptr, *rest)
 
     def create_barrier():

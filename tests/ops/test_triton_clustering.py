@@ -273,6 +273,19 @@ def test_interpreter_checks_bounds_and_barriers():
         if READ_NEXT:  # what another program stores: before or after it, as the GPU schedules
             tl.store(out_ptr + n + i, tl.load(out_ptr + (i + 1) % n))
 
+    @triton.jit
+    def tally(counter_ptr, out_ptr, PEEK: tl.constexpr):
+        tl.atomic_add(counter_ptr, 1)
+        if PEEK:
+            if tl.program_id(0) == 0:  # the other programs may not have added yet
+                tl.store(out_ptr, tl.load(counter_ptr))
+
+    counter, seen = torch.zeros(1, dtype=torch.int32), torch.zeros(1, dtype=torch.int32)
+    tally[(4,)](counter, seen, PEEK=False)
+    assert counter.item() == 4
+    with pytest.raises(AssertionError, match="kernel tally.* updates atomically and another loads or stores plainly"):
+        tally[(4,)](counter, seen, PEEK=True)
+
     x, out = torch.arange(16, dtype=torch.float32), torch.zeros(16)
     neighbours[(8,)](out, 8, READ_NEXT=False)
     with pytest.raises(AssertionError, match="kernel neighbours.* stores and another loads or stores.*programs"):
