@@ -113,10 +113,12 @@ def _interpreter_usable() -> bool:
 
 
 def _capability(device: torch.device) -> Tuple[Tuple[int, int], str]:
-    """(compute capability, name) of a CUDA device."""
+    """(compute capability, name) of a CUDA device. From ``get_device_properties``, which
+    torch.compile folds to a constant when the first call is traced (get_device_capability and
+    get_device_name it does not)."""
     index = device.index if device.index is not None else torch.cuda.current_device()
-    major, minor = torch.cuda.get_device_capability(index)
-    return (major, minor), torch.cuda.get_device_name(index)
+    props = torch.cuda.get_device_properties(index)
+    return (props.major, props.minor), props.name
 
 
 def _gpu_supported(device: torch.device) -> bool:

@@ -595,6 +595,31 @@ def test_torch_compile_traces_the_ops():
 
 
 @kernels
+def test_public_api_compiles_in_one_graph_from_a_cold_dispatcher(monkeypatch):
+    """torch.compile(fullgraph=True) of improved_clustered_attention with the dispatcher's per-device
+    cache empty: its first question (on CUDA, the GPU's compute capability) is traced, not a graph
+    break. Forward and backward equal the eager call's."""
+    from fairseq_plugin.ops import backend, improved_clustered_attention
+
+    monkeypatch.setattr(backend, "_gpu_ok", {})
+    g = _gen(16)
+    q, k, v = (_on(torch.randn(1, 2, 40, 16, generator=g)).requires_grad_() for _ in range(3))
+
+    def attend(q, k, v):
+        return improved_clustered_attention(q, k, v, clusters=4, topk=8)
+
+    torch.manual_seed(SEED)
+    compiled = torch.compile(attend, backend="aot_eager", fullgraph=True)(q, k, v)
+    compiled_grads = torch.autograd.grad(compiled.square().sum(), (q, k, v))
+    torch.manual_seed(SEED)
+    eager = attend(q, k, v)
+    grads = torch.autograd.grad(eager.square().sum(), (q, k, v))
+    torch.testing.assert_close(compiled, eager, msg=_msg())
+    for got, want in zip(compiled_grads, grads):
+        torch.testing.assert_close(got, want, msg=_msg())
+
+
+@kernels
 def test_bad_input_names_the_argument():
     from fairseq_plugin.ops.triton import aggregate, hashing, kmeans
 
