@@ -98,10 +98,7 @@ step() {
 }
 
 step environment 60 bash -c "nvidia-smi || echo nvidia-smi not found; git rev-parse HEAD || true; $PY -m fairseq_plugin.ops; $PY - <<'EOF'
-import platform, torch, triton
-print('python', platform.python_version(), '| torch', torch.__version__, '| cuda', torch.version.cuda,
-      '| triton', triton.__version__)
-print('device', torch.cuda.get_device_name(), torch.cuda.get_device_capability())
+import torch
 from fairseq_plugin.ops import implementation
 x = torch.zeros(1, device='cuda', dtype=torch.bfloat16)
 print('implementation(bf16 cuda tensor) =', implementation(x))

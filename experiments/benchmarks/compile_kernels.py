@@ -76,8 +76,6 @@ ARCHES = {
     100: (227 * 1024, "tcgen05.mma", False),  # B200, GB200
     120: (99 * 1024, "mma.sync", False),  # RTX 5090, RTX PRO 6000 Blackwell
 }
-SHARED_LIMIT = {arch: limit for arch, (limit, _, _) in ARCHES.items()}
-TILE_INSTRUCTION = {arch: instruction for arch, (_, instruction, _) in ARCHES.items()}
 TUNED = tuple(arch for arch, (_, _, tuned) in ARCHES.items() if tuned)
 FIELDS = ["kernel", "arch", "types", "constexprs", "num_warps", "num_stages", "registers", "shared_bytes",
           "spill_bytes", "tile", "sass", "loops", "status"]
@@ -178,16 +176,17 @@ def compile_one(name: str, index: int, arch: int) -> Dict[str, object]:
     spills = _spills(ptxas_log.getvalue(), function)
     shared = int(kernel.metadata.shared)
     ptx = kernel.asm["ptx"]
-    has_tile = TILE_INSTRUCTION[arch] in ptx
+    shared_limit, tile_instruction, tuned = ARCHES[arch]
+    has_tile = tile_instruction in ptx
     row.update(registers=registers, shared_bytes=shared, spill_bytes=spills)
-    row["tile"] = TILE_INSTRUCTION[arch].split(".")[0] if has_tile else ("none" if cfg.get("tile_products") else "-")
+    row["tile"] = tile_instruction.split(".")[0] if has_tile else ("none" if cfg.get("tile_products") else "-")
     problems = []
-    if spills and arch in TUNED:
+    if spills and tuned:
         problems.append(f"spills {spills} bytes")
-    if shared > SHARED_LIMIT[arch]:
-        problems.append(f"shared memory {shared} bytes > {SHARED_LIMIT[arch]}")
+    if shared > shared_limit:
+        problems.append(f"shared memory {shared} bytes > {shared_limit}")
     if cfg.get("tile_products") and not has_tile:
-        problems.append(f"tile product without {TILE_INSTRUCTION[arch]}")
+        problems.append(f"tile product without {tile_instruction}")
     problems += [f"no {op} in the PTX" for op in cfg.get("ptx_required", ()) if not re.search(rf"\b{re.escape(op)}\b", ptx)]
     if problems:
         row["status"] = "; ".join(problems)
@@ -210,7 +209,7 @@ def main(argv=None) -> int:
     arches = []
     for token in args.arch.split(","):
         match = re.fullmatch(r"sm_?(\d+)a?", token.strip())
-        if not match or int(match.group(1)) not in SHARED_LIMIT:
+        if not match or int(match.group(1)) not in ARCHES:
             parser.error(f"--arch: {token!r} is not one of {known}")
         arches.append(int(match.group(1)))
 

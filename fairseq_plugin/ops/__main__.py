@@ -50,8 +50,8 @@ def report() -> List[str]:
     devices = [("cpu", f"{platform.machine()}, {torch.get_num_threads()} threads", "-")]
     if torch.cuda.is_available():
         for index in range(torch.cuda.device_count()):
-            major, minor = torch.cuda.get_device_capability(index)
-            devices.append((f"cuda:{index}", torch.cuda.get_device_name(index), f"sm_{major}{minor}"))
+            (major, minor), name = backend._capability(torch.device("cuda", index))
+            devices.append((f"cuda:{index}", name, f"sm_{major}{minor}"))
     rows, why = [], []
     for device, name, capability in devices:
         with warnings.catch_warnings(record=True) as caught:

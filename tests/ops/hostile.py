@@ -145,39 +145,40 @@ def install() -> None:
     def log_access(kind, addresses) -> None:
         launch[kind].append(np.stack([addresses, np.full(addresses.shape, launch["serial"], dtype=np.uint64)]))
 
+    def shared(accesses, among) -> tuple:
+        """Of the (address, program) pairs in accesses, at addresses in among: the addresses that
+        more than one program touches, and for each a pair of those programs."""
+        pairs = np.unique(np.concatenate(accesses, axis=1), axis=1)  # sorted by address, then program
+        pairs = pairs[:, np.isin(pairs[0], among)]
+        addresses, first, counts = np.unique(pairs[0], return_index=True, return_counts=True)
+        at = first[counts > 1]
+        return addresses[counts > 1], pairs[1, at], pairs[1, at + 1]
+
     def check_other_programs() -> None:
         """At the end of a launch: no address that one program stored is loaded or stored by another,
         and none that one program updates atomically is loaded or stored plainly by another. A GPU
         runs them concurrently, so whichever ran second here, they race."""
-        if launch["atomic"] and (launch["stored"] or launch["loaded"]):
-            atomic = np.unique(np.concatenate(launch["atomic"], axis=1), axis=1)
-            plain = np.unique(np.concatenate([*launch["stored"], *launch["loaded"]], axis=1), axis=1)
-            mixed = np.intersect1d(atomic[0], plain[0])
-            if mixed.size:
-                both = np.unique(np.concatenate([atomic, plain], axis=1), axis=1)
-                both = both[:, np.isin(both[0], mixed)]
-                addresses, counts = np.unique(both[0], return_counts=True)
-                if (counts > 1).any():
-                    raise AssertionError(
-                        f"kernel {launch['kernel']}, {describe()}: {int((counts > 1).sum())} address(es) that one "
-                        f"program updates atomically and another loads or stores plainly, first "
-                        f"{int(addresses[counts > 1][0]):#x}: the plain access races the atomic (make both atomic, "
-                        "or split the launch)"
-                    )
-        if not launch["stored"]:
-            return
-        stored = np.unique(np.concatenate(launch["stored"], axis=1), axis=1)  # (2, n) unique (address, program)
-        both = np.unique(np.concatenate([stored, *launch["loaded"]], axis=1), axis=1)
-        both = both[:, np.isin(both[0], stored[0])]
-        addresses, first, counts = np.unique(both[0], return_index=True, return_counts=True)
-        if (counts > 1).any():
-            at = first[counts > 1][0]
-            raise AssertionError(
-                f"kernel {launch['kernel']}, {describe()}: {int((counts > 1).sum())} address(es) that one program "
-                f"stores and another loads or stores, first {int(addresses[counts > 1][0]):#x} (programs "
-                f"{_program(both[1, at], launch)} and {_program(both[1, at + 1], launch)}): programs run "
-                "concurrently on a GPU, in no set order (use atomics, or another launch)"
-            )
+        plain = [*launch["stored"], *launch["loaded"]]
+        if launch["atomic"] and plain:
+            atomic = np.concatenate(launch["atomic"], axis=1)[0]
+            mixed = np.intersect1d(atomic, np.concatenate(plain, axis=1)[0])
+            clash, p, q = shared([*launch["atomic"], *plain], mixed)
+            if clash.size:
+                raise AssertionError(
+                    f"kernel {launch['kernel']}, {describe()}: {clash.size} address(es) that one program updates "
+                    f"atomically and another loads or stores plainly, first {int(clash[0]):#x} (programs "
+                    f"{_program(p[0], launch)} and {_program(q[0], launch)}): the plain access races the atomic "
+                    "(make both atomic, or split the launch)"
+                )
+        if launch["stored"]:
+            clash, p, q = shared(plain, np.concatenate(launch["stored"], axis=1)[0])
+            if clash.size:
+                raise AssertionError(
+                    f"kernel {launch['kernel']}, {describe()}: {clash.size} address(es) that one program "
+                    f"stores and another loads or stores, first {int(clash[0]):#x} (programs "
+                    f"{_program(p[0], launch)} and {_program(q[0], launch)}): programs run "
+                    "concurrently on a GPU, in no set order (use atomics, or another launch)"
+                )
 
     def check_race(what, addresses) -> None:
         if launch["dirty"] and addresses.size:

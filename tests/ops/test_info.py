@@ -57,8 +57,6 @@ def test_report_lists_each_gpu_with_its_arch_and_why(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda i: gpus[i][0])
-    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i: gpus[i][1])
     monkeypatch.setattr(backend, "_capability", lambda device: gpus[device.index])
     monkeypatch.setattr(backend, "_triton_version", ("3.9.0", True))
     monkeypatch.setattr(backend, "_gpu_ok", {})

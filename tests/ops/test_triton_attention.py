@@ -13,8 +13,9 @@ The interpreter does not check bounds, so the cases assert every index the kerne
 (top, order, offsets, the tile table) lies in range. fp16 / bf16 error is measured against an
 fp32 reference on the same rounded inputs and must stay within 2x the error of the reference
 run in that dtype (DESIGN.md §2; the interpreter's bf16 tl.dot is broken, so the kernels cast
-bf16 to fp32 before their dots there). Under the interpreter the child also shuffles each launch's
-programs and poisons uninitialised memory (tests/ops/hostile.py), as a GPU would.
+bf16 to fp32 before their dots there). Under the interpreter the child also installs
+tests/ops/hostile.py: the GPU hazards the interpreter hides (program order, uninitialised memory,
+bounds, races) fail there.
 """
 
 from __future__ import annotations
@@ -527,7 +528,7 @@ def _child(names) -> None:
     torch.set_num_threads(1)
     DEVICE = os.environ.get("FAIRSEQ_PLUGIN_TEST_DEVICE", "cpu")
     where = ""
-    if DEVICE == "cpu":  # the interpreter: shuffled programs, poisoned memory, as on a GPU
+    if DEVICE == "cpu":  # the interpreter: the GPU hazards it hides made to fail (hostile.py)
         from tests.ops import hostile
 
         hostile.install()

@@ -12,8 +12,8 @@ Run them directly with:
 With ``FAIRSEQ_PLUGIN_TEST_DEVICE=cuda`` the same kernel tests run on CUDA tensors instead
 (scripts/gpu_check.sh). Inputs are fresh random draws (the seed is in every failure message). The
 interpreter does not check bounds, so the harness asserts every index range before and after a
-launch; the references run on CPU copies. The interpreted run also shuffles each launch's programs
-and poisons uninitialised memory (tests/ops/hostile.py), as a GPU would.
+launch; the references run on CPU copies. The interpreted run also installs tests/ops/hostile.py:
+the GPU hazards the interpreter hides (program order, uninitialised memory, bounds, races) fail there.
 """
 
 from __future__ import annotations
